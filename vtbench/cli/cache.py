@@ -1,0 +1,1 @@
+"""`vt cache`: not implemented yet."""

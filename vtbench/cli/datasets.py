@@ -1,0 +1,1 @@
+"""`vt datasets`: not implemented yet."""

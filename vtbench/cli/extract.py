@@ -1,0 +1,1 @@
+"""`vt extract`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`vt fewshot`: not implemented yet."""

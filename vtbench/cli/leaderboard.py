@@ -1,0 +1,1 @@
+"""`vt leaderboard`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`vt models`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`vt plot`: not implemented yet."""

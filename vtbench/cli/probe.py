@@ -1,0 +1,1 @@
+"""`vt probe`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`vt run`: not implemented yet."""

@@ -1,0 +1,440 @@
+"""The HDF5 feature cache: one file per (model, weights, transform, norm, dtype, dataset, split).
+
+Layout (documented for h5py-only readers in ``docs/cache_schema.md``)::
+
+    /features/<kind>/<block>   (N, D) float16 or float32; kind in cls|patch|stage|prelogits,
+                               block a zero-padded index ("000", "001", ...)
+    /labels                    (N,) int64
+    /image_ids                 (N,) utf-8 strings
+    /class_names               (C,) utf-8 strings
+    /row_status                (N,) uint8: 0 not yet written, 1 written, 2 skipped (bad image)
+    /skipped/image_id, /skipped/error   the skipped images and why (on complete files)
+
+Crash safety: every dataset is allocated when the file is created, so later
+writes only touch raw data, never HDF5 metadata. Rows are marked written in
+``row_status`` only after their features have been flushed, so a run killed at
+any moment (even ``kill -9``) leaves a file whose marked rows are correct. The
+file lives at ``<name>.partial.h5`` until it is complete, then is renamed to
+``<name>.h5``; a partial file is never opened as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+from vtbench.errors import VTError
+from vtbench.tokens import TokenSpec, parse_spec
+
+FORMAT = "vtbench-cache"
+FORMAT_VERSION = 1
+MAX_CHUNK_BYTES = 1 << 20
+
+PENDING, WRITTEN, SKIPPED = 0, 1, 2
+
+# Attributes that decide a cache's identity: two runs that agree on all of these
+# produce the same numbers, and only then is a cache reused.
+IDENTITY_FIELDS = (
+    "format_version",
+    "model",
+    "model_kwargs",
+    "weights_sha256",
+    "transform",
+    "norm",
+    "dtype",
+    "dataset",
+    "split",
+    "data_fingerprint",
+    "timm_version",
+    "torch_version",
+)
+# Attributes stored as JSON strings (everything else is a plain string or number).
+JSON_FIELDS = ("model_kwargs", "transform", "kinds", "dims", "versions")
+
+
+def cache_key(meta: dict) -> str:
+    """sha256 over the identity fields of ``meta`` (canonical JSON)."""
+    missing = [f for f in IDENTITY_FIELDS if f not in meta]
+    if missing:
+        raise ValueError(f"cache metadata lacks identity fields: {missing}")
+    identity = {f: meta[f] for f in IDENTITY_FIELDS}
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _slug(text: str, limit: int = 64) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    if len(slug) > limit or slug != text:
+        # Paths inside specs (imagefolder:/a/b) make poor names; keep them unique.
+        slug = f"{slug[: limit - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return slug
+
+
+def cache_path(root: str | os.PathLike, meta: dict) -> Path:
+    """Where the cache for ``meta`` lives: ``root/<model>/<dataset>/<split>-<key16>.h5``."""
+    key = meta.get("key") or cache_key(meta)
+    return Path(root) / _slug(meta["model"]) / _slug(meta["dataset"]) / f"{_slug(meta['split'])}-{key[:16]}.h5"
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(final.name[: -len(".h5")] + ".partial.h5")
+
+
+def _encode_attr(name: str, value):
+    if name in JSON_FIELDS:
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, bool):
+        return np.bool_(value)
+    return value
+
+
+def _decode_attr(name: str, value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if name in JSON_FIELDS and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_meta(h5file: h5py.File) -> dict:
+    return {k: _decode_attr(k, v) for k, v in h5file.attrs.items()}
+
+
+def block_name(block: int) -> str:
+    return f"{block:03d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cache holds: for each kind, the feature dim of every block."""
+
+    dims: dict[str, list[int]]
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.dims.items()}
+
+    def datasets(self) -> Iterable[tuple[str, int, int]]:
+        for kind, dims in self.dims.items():
+            for block, dim in enumerate(dims):
+                yield kind, block, dim
+
+
+class CacheWriter:
+    """Creates (or resumes) one partial cache file and streams rows into it.
+
+    Use :meth:`write` for each batch, :meth:`commit` to make written rows
+    durable, and :meth:`finalize` once every row is written or skipped.
+    Rows must be written in batches aligned to ``batch_size`` so that a resumed
+    run recomputes exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, final: Path, f: h5py.File, batch_size: int):
+        self.final = final
+        self.partial = partial_path(final)
+        self._f = f
+        self.batch_size = batch_size
+        self.n = int(f.attrs["n"])
+        self._features = {
+            (kind, int(block)): ds for kind, grp in f["features"].items() for block, ds in grp.items()
+        }
+        self._status = f["row_status"]
+        self._pending: list[tuple[int, np.ndarray]] = []
+        self._skipped_log = self.partial.with_name(self.partial.name + ".skipped.jsonl")
+
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike,
+        meta: dict,
+        layout: Layout,
+        labels: np.ndarray,
+        image_ids: list[str],
+        class_names: list[str],
+        batch_size: int,
+    ) -> "CacheWriter":
+        """Resume the partial file for ``meta`` if one exists, else create it."""
+        meta = dict(meta, key=meta.get("key") or cache_key(meta))
+        final = cache_path(root, meta)
+        partial = partial_path(final)
+        if partial.exists():
+            try:
+                f = h5py.File(partial, "r+")
+                stored = read_meta(f)
+                if stored.get("key") == meta["key"] and stored.get("n") == len(labels):
+                    return cls(final, f, int(stored["batch_size"]))
+                f.close()
+            except OSError:
+                pass  # unreadable leftovers are recreated below
+            partial.unlink()
+        _create(partial, meta, layout, labels, image_ids, class_names, batch_size)
+        return cls(final, h5py.File(partial, "r+"), batch_size)
+
+    @property
+    def resumed_rows(self) -> int:
+        return int(np.count_nonzero(self._status[:] != PENDING))
+
+    def pending_batches(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every batch that still has unwritten rows."""
+        status = self._status[:]
+        out = []
+        for start in range(0, self.n, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            if np.any(status[start:stop] == PENDING):
+                out.append((start, stop))
+        return out
+
+    def write(
+        self,
+        start: int,
+        features: dict[tuple[str, int], np.ndarray],
+        skipped: dict[int, str] | None = None,
+    ) -> None:
+        """Write rows ``start..start+len`` of every (kind, block); ``skipped`` maps row -> error."""
+        rows = None
+        for key, ds in self._features.items():
+            arr = features[key]
+            rows = len(arr)
+            ds[start : start + rows] = arr.astype(ds.dtype, copy=False)
+        status = np.full(rows, WRITTEN, dtype=np.uint8)
+        if skipped:
+            status[[r - start for r in skipped]] = SKIPPED
+            with open(self._skipped_log, "a") as log:
+                for row, error in skipped.items():
+                    log.write(json.dumps({"row": int(row), "error": error}) + "\n")
+        self._pending.append((start, status))
+
+    def commit(self) -> None:
+        """Make every row written so far durable: flush features first, then mark them."""
+        if not self._pending:
+            return
+        self._f.flush()
+        for start, status in self._pending:
+            self._status[start : start + len(status)] = status
+        self._f.flush()
+        self._pending.clear()
+
+    def finalize(self) -> Path:
+        """Record skipped images, mark the file complete and move it to its final name."""
+        self.commit()
+        status = self._status[:]
+        if np.any(status == PENDING):
+            raise RuntimeError(f"{np.count_nonzero(status == PENDING)} rows were never written")
+        errors: dict[int, str] = {}
+        if self._skipped_log.exists():
+            for line in self._skipped_log.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    errors[rec["row"]] = rec["error"]
+        skipped_rows = np.flatnonzero(status == SKIPPED)
+        ids = self._f["image_ids"]
+        grp = self._f.require_group("skipped")
+        for name in list(grp):
+            del grp[name]
+        strs = h5py.string_dtype()
+        grp.create_dataset("image_id", data=[ids[r].decode() for r in skipped_rows], dtype=strs)
+        grp.create_dataset("error", data=[errors.get(int(r), "unreadable image") for r in skipped_rows], dtype=strs)
+        self._f.attrs["n_skipped"] = len(skipped_rows)
+        self._f.attrs["completed"] = _now()
+        self._f.attrs["status"] = "complete"
+        self._f.flush()
+        self._f.close()
+        with open(self.partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.partial, self.final)
+        self._skipped_log.unlink(missing_ok=True)
+        return self.final
+
+    def close(self) -> None:
+        """Commit what was written and close, leaving the partial file to resume from."""
+        if self._f.id.valid:
+            self.commit()
+            self._f.close()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _chunk_rows(n: int, row_bytes: int) -> int:
+    return max(1, min(n, MAX_CHUNK_BYTES // max(1, row_bytes)))
+
+
+def _create(partial, meta, layout, labels, image_ids, class_names, batch_size) -> None:
+    """Write the whole file structure under a temporary name, then move it into place."""
+    n = len(labels)
+    dtype = np.dtype(meta["dtype"])
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial.with_name(f".{partial.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as f:
+        attrs = dict(meta, format=FORMAT, n=n, batch_size=batch_size, status="partial", created=_now(),
+                     kinds=layout.kinds, dims=layout.dims, num_classes=len(class_names))
+        for name, value in attrs.items():
+            f.attrs[name] = _encode_attr(name, value)
+        feats = f.create_group("features")
+        for kind, block, dim in layout.datasets():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            # Allocating every chunk now means later writes never change file metadata.
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            feats.require_group(kind).create_dataset(
+                block_name(block), shape=(n, dim), dtype=dtype,
+                chunks=(_chunk_rows(n, dim * dtype.itemsize), dim), dcpl=dcpl, track_times=False,
+            )
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        f.create_dataset("row_status", shape=(n,), dtype=np.uint8, chunks=(_chunk_rows(n, 1),),
+                         fillvalue=PENDING, dcpl=dcpl, track_times=False)
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        f.create_dataset("image_ids", data=list(image_ids), dtype=h5py.string_dtype())
+        f.create_dataset("class_names", data=list(class_names), dtype=h5py.string_dtype())
+    os.replace(tmp, partial)
+
+
+class FeatureCache:
+    """Read access to one complete cache file (see :func:`open_cache`).
+
+    Only rows that were written are exposed: images skipped as unreadable are
+    left out of ``labels``, ``image_ids`` and every feature array alike.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_partial: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise VTError(f"no cache file at {self.path}")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise VTError(f"cannot read cache {self.path}: {exc}") from None
+        self.meta = read_meta(self._f)
+        if self.meta.get("format") != FORMAT:
+            self._f.close()
+            raise VTError(f"{self.path} is not a vtbench cache")
+        if self.meta.get("status") != "complete" and not allow_partial:
+            self._f.close()
+            raise VTError(f"cache {self.path} is partial (an interrupted extract); rerun the same 'vt extract' to finish it")
+        status = self._f["row_status"][:]
+        self._rows = np.flatnonzero(status == WRITTEN)
+        self._all_rows = len(self._rows) == len(status)
+        self.labels = self._f["labels"][:][self._rows]
+        self.class_names = [s.decode() for s in self._f["class_names"][:]]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """``{kind: number of blocks}``, e.g. ``{"cls": 12, "patch": 12, "prelogits": 1}``."""
+        return dict(self.meta["kinds"])
+
+    @property
+    def image_ids(self) -> list[str]:
+        ids = self._f["image_ids"][:]
+        return [ids[r].decode() for r in self._rows]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(image_id, error)`` for every image that could not be read."""
+        if "skipped" not in self._f:
+            return []
+        grp = self._f["skipped"]
+        return [(i.decode(), e.decode()) for i, e in zip(grp["image_id"][:], grp["error"][:])]
+
+    def block(self, kind: str, block: int, dtype=np.float32) -> np.ndarray:
+        """Features of one (kind, block) for every written row, as ``(N, D)``."""
+        nblocks = self.kinds.get(kind)
+        if nblocks is None:
+            raise VTError(f"cache {self.path.name} has no '{kind}' features (it has: {', '.join(self.kinds)})")
+        if not -nblocks <= block < nblocks:
+            raise VTError(f"block {block} is out of range for '{kind}' ({nblocks} blocks)")
+        arr = self._f["features"][kind][block_name(block % nblocks)][:]
+        if not self._all_rows:
+            arr = arr[self._rows]
+        return arr.astype(dtype, copy=False)
+
+    def features(self, spec: str | TokenSpec, dtype=np.float32) -> np.ndarray:
+        """Concatenated features for a token spec (e.g. ``cls[-4:]``); reads only the blocks it needs."""
+        pairs = parse_spec(spec).resolve(self.kinds)
+        parts = [self.block(kind, block, dtype) for kind, block in pairs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return f"FeatureCache({m['model']} on {m['dataset']}/{m['split']}, n={len(self)}, kinds={self.kinds})"
+
+
+def open_cache(path: str | os.PathLike, allow_partial: bool = False) -> FeatureCache:
+    """Open a cache file for reading: tokens by kind and block as numpy, labels, class names, metadata."""
+    return FeatureCache(path, allow_partial=allow_partial)
+
+
+def list_caches(root: str | os.PathLike, include_partial: bool = False) -> list[tuple[Path, dict]]:
+    """Every cache file under ``root`` with its metadata, newest first."""
+    root = Path(root)
+    found = []
+    if not root.exists():
+        return found
+    for path in root.rglob("*.h5"):
+        is_partial = path.name.endswith(".partial.h5")
+        if is_partial and not include_partial:
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                meta = read_meta(f)
+        except OSError:
+            continue
+        if meta.get("format") == FORMAT:
+            found.append((path, meta))
+    found.sort(key=lambda pm: str(pm[1].get("created", "")), reverse=True)
+    return found
+
+
+def write_cache(
+    root: str | os.PathLike,
+    meta: dict,
+    features: dict[tuple[str, int], np.ndarray],
+    labels,
+    image_ids: list[str],
+    class_names: list[str],
+    skipped: dict[int, str] | None = None,
+) -> Path:
+    """Write a complete cache from in-memory arrays (``{(kind, block): (N, D)}``); returns its path.
+
+    ``meta`` needs the identity fields (see ``IDENTITY_FIELDS``) plus any extra
+    attributes to record. Useful for importing features computed elsewhere.
+    """
+    dims: dict[str, list[int]] = {}
+    for kind, block in sorted(features):
+        dims.setdefault(kind, []).append(features[(kind, block)].shape[1])
+    for kind, blocks in dims.items():
+        if sorted(b for k, b in features if k == kind) != list(range(len(blocks))):
+            raise ValueError(f"blocks of '{kind}' must be numbered 0..{len(blocks) - 1}")
+    n = len(labels)
+    writer = CacheWriter.open(root, meta, Layout(dims), np.asarray(labels), image_ids, class_names, batch_size=max(1, n))
+    writer.write(0, features, skipped)
+    return writer.finalize()

@@ -1,0 +1,45 @@
+"""Where vtbench keeps things: feature caches, results and dataset roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(out: str | os.PathLike | None = None) -> Path:
+    """Feature-cache directory: ``out`` if given, else ``$VT_CACHE``, else the user cache dir."""
+    if out:
+        return Path(out).expanduser()
+    if os.environ.get("VT_CACHE"):
+        return Path(os.environ["VT_CACHE"]).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("vtbench")) / "features"
+
+
+def results_dir(out: str | os.PathLike | None = None) -> Path:
+    """Results-store directory: ``out`` if given, else ``$VT_RESULTS``, else ``./results``."""
+    if out:
+        return Path(out).expanduser()
+    return Path(os.environ.get("VT_RESULTS", "results")).expanduser()
+
+
+def data_root(dataset_name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """Dataset root: ``root`` if given, else ``$VT_DATA/<dataset_name>``, else None."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get("VT_DATA"):
+        return Path(os.environ["VT_DATA"]).expanduser() / dataset_name
+    return None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

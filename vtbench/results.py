@@ -1,0 +1,172 @@
+"""The results store: one JSON file per (model, weights, dataset, tokens, protocol, variant, seed).
+
+Every probe and few-shot run writes one record here; ``vt leaderboard`` and
+:func:`load` read them back. A record carries everything needed to reproduce
+its number: the caches it read (with their keys), the model and weights hash,
+the token spec, protocol, seed and splits, the hyperparameter search, the
+metrics, timings and library versions. Writes are atomic (write to a temporary
+file, then rename), so parallel runs never leave a torn or mixed file.
+
+Record layout (``schema: vtbench-result/1``)::
+
+    {
+      "schema": "vtbench-result/1",
+      "task": "probe" | "fewshot",
+      "model": "deit_small_patch16_224",
+      "weights": {"source": "hub:timm/...", "sha256": "..."},
+      "dataset": "dtd", "tokens": "cls[-4:]", "protocol": "default",
+      "variant": "",             # protocol detail that changes the number (e.g. "lr/5w5s")
+      "seed": 0,
+      "splits": {"train": ["train"], "val": ["val"], "test": ["test"]},
+      "caches": {"train": [{"key": ..., "path": ..., "split": ...}], "test": [...]},
+      "transform": {...}, "norm": true, "dtype": "float16",
+      "metrics": {"top1": 85.7, ...},          # percentages
+      "selection": {...}, "solver": {...}, "timings": {...},
+      "versions": {...}, "created": "..."
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from vtbench.paths import atomic_write_bytes
+
+SCHEMA = "vtbench-result/1"
+IDENTITY_FIELDS = ("task", "model", "weights_sha256", "dataset", "tokens", "protocol", "variant", "seed")
+
+
+def versions() -> dict:
+    """Versions of vtbench and the libraries that shape its numbers."""
+    import numpy
+    import sklearn
+    import timm
+    import torch
+
+    import vtbench
+
+    return {
+        "vtbench": vtbench.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "sklearn": sklearn.__version__,
+    }
+
+
+def identity(record: dict) -> dict:
+    """The fields that name a result: one file per distinct identity."""
+    return {
+        "task": record["task"],
+        "model": record["model"],
+        "weights_sha256": record["weights"]["sha256"],
+        "dataset": record["dataset"],
+        "tokens": record["tokens"],
+        "protocol": record["protocol"],
+        "variant": record.get("variant", ""),
+        "seed": record["seed"],
+    }
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def result_path(root: str | os.PathLike, ident: dict) -> Path:
+    """``root/<model>/<dataset>/<task>-<protocol>/<tokens>__seed<seed>__<hash>.json``."""
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{_safe(ident['tokens'])}__seed{ident['seed']}__{digest}.json"
+    return Path(root) / _safe(ident["model"]) / _safe(ident["dataset"]) / f"{ident['task']}-{_safe(ident['protocol'])}" / name
+
+
+def save(root: str | os.PathLike, record: dict) -> Path:
+    """Validate and atomically write one record; returns its path."""
+    record = dict(record)
+    record.setdefault("schema", SCHEMA)
+    record.setdefault("variant", "")
+    record.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record.setdefault("versions", versions())
+    ident = identity(record)  # raises KeyError on a record missing its identity
+    path = result_path(root, ident)
+    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+    return path
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def exists(root: str | os.PathLike, ident: dict) -> bool:
+    """Whether a result with this identity is already stored (for ``--skip-existing``)."""
+    return result_path(root, ident).exists()
+
+
+@dataclass
+class ResultsTable:
+    """All records of a store, with light filtering and a pandas view."""
+
+    records: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
+
+    def filter(self, **equals) -> "ResultsTable":
+        """Keep records whose top-level fields equal the given values (a list means any of)."""
+
+        def keep(rec):
+            for key, want in equals.items():
+                if want is None:
+                    continue
+                allowed = want if isinstance(want, (list, tuple, set)) else [want]
+                if rec.get(key) not in allowed:
+                    return False
+            return True
+
+        return ResultsTable([r for r in self.records if keep(r)])
+
+    def rows(self) -> list[dict]:
+        """One flat dict per record: identity fields plus every metric."""
+        out = []
+        for rec in self.records:
+            row = identity(rec)
+            row.update(rec.get("metrics", {}))
+            out.append(row)
+        return out
+
+    def to_pandas(self):
+        """The flat rows as a pandas DataFrame (needs pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+
+def load(root: str | os.PathLike) -> ResultsTable:
+    """Read every record under ``root`` (sorted by path, so the order is stable)."""
+    root = Path(root)
+    records = []
+    for path in sorted(root.rglob("*.json")) if root.exists() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
+            rec["_path"] = str(path)
+            records.append(rec)
+    return ResultsTable(records)
