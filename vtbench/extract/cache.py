@@ -438,3 +438,77 @@ def write_cache(
     writer = CacheWriter.open(root, meta, Layout(dims), np.asarray(labels), image_ids, class_names, batch_size=max(1, n))
     writer.write(0, features, skipped)
     return writer.finalize()
+
+
+# Fields that must agree between the caches one evaluation reads (train, val, test).
+COMPATIBLE_FIELDS = ("model", "model_kwargs", "weights_sha256", "transform", "norm")
+
+
+def _describe(meta: dict) -> str:
+    return (f"weights {str(meta.get('weights_sha256', ''))[:12]} ({meta.get('weights_source')}), "
+            f"transform {meta.get('transform', {}).get('mode')}, norm {meta.get('norm')}, dtype {meta.get('dtype')}")
+
+
+def find_cache(
+    model: str,
+    dataset: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    *,
+    weights: str | None = None,
+    transform: str | None = None,
+    norm: bool | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """The complete cache for (model, dataset, split), narrowed by optional filters.
+
+    ``dataset`` is canonicalised through the dataset registry (``dtd`` -> ``dtd:1``).
+    ``weights`` matches a sha256 prefix or a substring of the weights source
+    (``random-init``, ``file:...``, ``hub:...``); ``transform`` matches the
+    transform mode (``model`` or ``ipvit``). Raises VTError when nothing
+    matches (naming the ``vt extract`` command that would make it) or when
+    caches with different weights/transform/norm/dtype match.
+    """
+    from vtbench.data import canonical_spec
+    from vtbench.paths import cache_dir
+
+    root = cache_dir(root)
+    dataset = canonical_spec(dataset)
+    matches = []
+    for path, meta in list_caches(root):
+        if meta.get("model") != model or meta.get("dataset") != dataset or meta.get("split") != split:
+            continue
+        if weights and not (str(meta.get("weights_sha256", "")).startswith(weights) or weights in str(meta.get("weights_source", ""))):
+            continue
+        if transform and meta.get("transform", {}).get("mode") != transform:
+            continue
+        if norm is not None and bool(meta.get("norm")) != norm:
+            continue
+        if dtype and meta.get("dtype") != dtype:
+            continue
+        matches.append((path, meta))
+    if not matches:
+        hint = f"vt extract --model {model} --dataset {dataset} --split {split}"
+        if weights:
+            hint += f" (with the weights matching '{weights}')"
+        raise VTError(f"no cache for {model} on {dataset}/{split} under {root}; make it with: {hint}")
+    variants = {_describe(m) for _, m in matches}
+    if len(variants) > 1:
+        raise VTError(
+            f"{len(variants)} different caches match {model} on {dataset}/{split}: "
+            + "; ".join(sorted(variants))
+            + ". Narrow it with --weights, --transform, --norm/--no-norm or --dtype"
+        )
+    return matches[0][0]  # newest first
+
+
+def check_compatible(caches: dict[str, "FeatureCache"]) -> None:
+    """Raise VTError unless every cache comes from the same model, weights, transform and norm."""
+    (ref_name, ref), *rest = caches.items()
+    for name, other in rest:
+        for field in COMPATIBLE_FIELDS:
+            if ref.meta.get(field) != other.meta.get(field):
+                raise VTError(
+                    f"the {ref_name} and {name} caches differ in {field} "
+                    f"({ref.meta.get(field)!r} vs {other.meta.get(field)!r}); extract both with the same options"
+                )
