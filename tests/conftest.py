@@ -36,3 +36,22 @@ def lite0_weights() -> Path:
     if not LITE0_WEIGHTS.is_file():
         pytest.skip("../shared/weights is not available")
     return LITE0_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def lite0_cache_dir(tmp_path_factory) -> Path:
+    """A cache dir with real tf_efficientnet_lite0 features (shared ImageNet weights, timm's default transform):
+    shared DTD train/val/test and Caltech-101 test. Extracted once per test session (about 1.5 min on 2 cores).
+
+    Read them with ``find_cache(model, dataset, split, root=lite0_cache_dir)`` where model is
+    ``"tf_efficientnet_lite0"`` and dataset is ``"dtd"`` or ``f"imagefolder:{SHARED_DATA / 'caltech101'}"``.
+    """
+    if not (SHARED_DATA.is_dir() and LITE0_WEIGHTS.is_file()):
+        pytest.skip("../shared is not available")
+    from vtbench.extract import extract
+
+    out = tmp_path_factory.mktemp("lite0-cache")
+    common = dict(weights=str(LITE0_WEIGHTS), out=out, progress=False)
+    extract("tf_efficientnet_lite0", "dtd", ["train", "val", "test"], root=SHARED_DATA / "dtd", **common)
+    extract("tf_efficientnet_lite0", f"imagefolder:{SHARED_DATA / 'caltech101'}", ["test"], **common)
+    return out
