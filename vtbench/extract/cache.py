@@ -54,11 +54,13 @@ IDENTITY_FIELDS = (
     "dataset",
     "split",
     "data_fingerprint",
+    "token_kinds",
+    "precision",
     "timm_version",
     "torch_version",
 )
 # Attributes stored as JSON strings (everything else is a plain string or number).
-JSON_FIELDS = ("model_kwargs", "transform", "kinds", "dims", "versions")
+JSON_FIELDS = ("model_kwargs", "transform", "kinds", "dims", "versions", "token_kinds")
 
 
 def cache_key(meta: dict) -> str:
@@ -435,6 +437,9 @@ def write_cache(
         if sorted(b for k, b in features if k == kind) != list(range(len(blocks))):
             raise ValueError(f"blocks of '{kind}' must be numbered 0..{len(blocks) - 1}")
     n = len(labels)
+    meta = dict(meta)
+    meta.setdefault("token_kinds", sorted(dims))
+    meta.setdefault("precision", "fp32")
     writer = CacheWriter.open(root, meta, Layout(dims), np.asarray(labels), image_ids, class_names, batch_size=max(1, n))
     writer.write(0, features, skipped)
     return writer.finalize()
