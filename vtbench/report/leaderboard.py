@@ -1,0 +1,603 @@
+"""Leaderboard tables from the results store: ``vt leaderboard``.
+
+:func:`build_leaderboard` turns a :class:`~vtbench.results.ResultsTable` into a
+:class:`Leaderboard`: one table per task (probe, few-shot), with one row per
+model + weights + token spec + protocol/variant + seed and one column per
+dataset, then the mean over datasets and the average rank. Notes below the
+tables say what every number is: protocols, metric, weights (sha256), seeds,
+episodes, splits and vtbench versions. Rendering (:meth:`Leaderboard.to_markdown`,
+:meth:`~Leaderboard.to_csv`, :meth:`~Leaderboard.to_json`) is deterministic:
+rows and columns are sorted and nothing depends on the clock.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from vtbench.errors import VTError
+from vtbench.results import ResultsTable, load
+from vtbench.tokens import parse_spec
+
+SCHEMA = "vtbench-leaderboard/1"
+MISSING = "—"
+
+# Tables come in this order; other tasks follow alphabetically.
+TASK_ORDER = ("probe", "fewshot")
+
+# The metric a task's table shows when none is asked for.
+DEFAULT_METRIC = {"probe": "top1", "fewshot": "accuracy"}
+
+METRIC_NOTES = {
+    "top1": "top-1 accuracy on the test split (%)",
+    "top5": "top-5 accuracy on the test split (%)",
+    "mean_per_class": "mean per-class recall on the test split (%)",
+    "top1_last_epoch": "test top-1 after the last training epoch (%)",
+    "top1_max_over_epochs": "maximum test top-1 over the training epochs (%), as the IPViT paper reported; "
+    "selected on the test split, so optimistic",
+    "accuracy": "mean episode accuracy ± 95% confidence half-width (1.96·std/√episodes), %",
+}
+
+PROTOCOL_NOTES = {
+    "default": "vtbench's linear probe on frozen features: regularisation selected on a validation split, "
+    "converged solver",
+    "ipvit": "the IPViT paper's probe recipe: linear head trained with AdamW at a constant learning rate "
+    "for a fixed number of epochs, no augmentation, no validation split",
+    "sklearn": "scikit-learn LogisticRegression on frozen features, C selected on a validation split",
+    "knn": "k-nearest-neighbour classifier on frozen features",
+    "fewshot-md": "Meta-Dataset episodes: variable way (5 to 50 classes) and variable shot, "
+    "up to 10 queries per class",
+}
+
+# What a protocol's number means under a given metric, where that is not obvious.
+PROTOCOL_METRIC_NOTES = {
+    ("ipvit", "top1"): "top1 is the test accuracy after the last epoch; the paper reported the maximum over "
+    "epochs (--metric top1_max_over_epochs)",
+    ("ipvit", "top1_max_over_epochs"): "shown: the maximum test top-1 over the epochs, as the paper reported",
+}
+
+VARIANT_NOTES = {
+    "lr": "logistic regression fitted on each episode's support set",
+    "ncc": "nearest centroid (cosine similarity to the support-class means)",
+}
+
+_FIXED_EPISODES = re.compile(r"^fewshot-(\d+)w(\d+)s$")
+_PATH_SUFFIXES = (".csv", ".tsv", ".json", ".txt")
+
+
+@dataclass
+class Cell:
+    """One number of the table and where it came from."""
+
+    value: float
+    ci95: float | None = None
+    episodes: int | None = None
+    splits: dict | None = None
+    rank: float | None = None
+
+
+@dataclass
+class Row:
+    """One leaderboard row: everything that names a result except the dataset."""
+
+    task: str
+    model: str
+    weights_source: str
+    weights_sha256: str
+    tokens: str
+    protocol: str
+    variant: str
+    seed: int
+    cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
+    mean: float | None = None
+    avg_rank: float | None = None
+
+    @property
+    def protocol_label(self) -> str:
+        return f"{self.protocol}/{self.variant}" if self.variant else self.protocol
+
+    @property
+    def weights_label(self) -> str:
+        return f"{_short_source(self.weights_source, self.model)} {self.weights_sha256[:12]}"
+
+
+@dataclass
+class Section:
+    """The table of one task under one metric."""
+
+    task: str
+    metric: str
+    datasets: list[str]  # canonical specs, in column order
+    labels: dict[str, str]  # canonical spec -> column header
+    rows: list[Row]
+
+    @property
+    def has_ci(self) -> bool:
+        return any(c.ci95 is not None for r in self.rows for c in r.cells.values())
+
+    @property
+    def show_weights(self) -> bool:
+        """A weights column only where a model appears with more than one set of weights."""
+        seen: dict[str, set[str]] = {}
+        for row in self.rows:
+            seen.setdefault(row.model, set()).add(row.weights_sha256)
+        return any(len(s) > 1 for s in seen.values())
+
+    @property
+    def show_seed(self) -> bool:
+        return len({r.seed for r in self.rows}) > 1
+
+    def row_label(self, row: Row) -> str:
+        """One line naming a row (plot legends), with weights and seed only where the table shows them."""
+        parts = [row.model, row.tokens, row.protocol_label]
+        if self.show_weights:
+            parts.append(row.weights_label)
+        if self.show_seed:
+            parts.append(f"seed {row.seed}")
+        return " · ".join(parts)
+
+    def best(self) -> dict[str, float]:
+        """The best value of every column (datasets, 'mean' and 'avg_rank'), for bolding."""
+        best = {d: max(r.cells[d].value for r in self.rows if d in r.cells) for d in self.datasets}
+        means = [r.mean for r in self.rows if r.mean is not None]
+        ranks = [r.avg_rank for r in self.rows if r.avg_rank is not None]
+        if means:
+            best["mean"] = max(means)
+        if ranks:
+            best["avg_rank"] = min(ranks)
+        return best
+
+
+@dataclass
+class Leaderboard:
+    """Tables (one :class:`Section` per task) plus the notes that say what each number is."""
+
+    sections: list[Section]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Leaderboard":
+        """Inverse of :meth:`to_dict` (so a saved JSON leaderboard can be rendered again)."""
+        sections = []
+        for sec in data["sections"]:
+            rows = [
+                Row(**{**row, "cells": {d: Cell(**c) for d, c in row["cells"].items()}}) for row in sec["rows"]
+            ]
+            sections.append(Section(**{**sec, "rows": rows}))
+        return cls(sections=sections, notes=list(data["notes"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    def to_markdown(self) -> str:
+        parts = []
+        for sec in self.sections:
+            parts.append(_section_markdown(sec))
+        parts.append("**Notes**\n\n" + "\n".join(f"{i}. {note}" for i, note in enumerate(self.notes, 1)) + "\n")
+        return "\n".join(parts)
+
+    def to_csv(self) -> str:
+        """One line per row with its full identity; the notes follow as ``#`` comment lines."""
+        datasets: list[str] = []
+        with_ci: set[str] = set()
+        for sec in self.sections:
+            for d in sec.datasets:
+                if d not in datasets:
+                    datasets.append(d)
+                if sec.has_ci:
+                    with_ci.add(d)
+        identity = [
+            "task", "metric", "model", "weights_source", "weights_sha256", "tokens", "protocol", "variant", "seed",
+        ]
+        header = list(identity)
+        for d in datasets:
+            header.append(d)
+            if d in with_ci:
+                header.append(f"{d} ci95")
+        header += ["mean", "avg_rank"]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for sec in self.sections:
+            for row in sec.rows:
+                line = [sec.task, sec.metric] + [getattr(row, k) for k in identity[2:]]
+                for d in datasets:
+                    cell = row.cells.get(d)
+                    line.append("" if cell is None else repr(cell.value))
+                    if d in with_ci:
+                        line.append("" if cell is None or cell.ci95 is None else repr(cell.ci95))
+                line += [_csv_number(row.mean), _csv_number(row.avg_rank)]
+                writer.writerow(line)
+        for note in self.notes:
+            buf.write(f"# {note}\n")
+        return buf.getvalue()
+
+
+def _csv_number(x: float | None) -> str:
+    return "" if x is None else repr(x)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _section_markdown(sec: Section) -> str:
+    unit = f"{sec.metric} ± 95% CI (%)" if sec.has_ci else f"{sec.metric} (%)"
+    head = ["Model", "Tokens", "Protocol"]
+    if sec.show_weights:
+        head.append("Weights")
+    if sec.show_seed:
+        head.append("Seed")
+    id_cols = len(head)
+    head += [sec.labels[d] for d in sec.datasets] + ["Mean", "Avg rank"]
+    lines = [
+        f"## {sec.task}: {unit}",
+        "",
+        "| " + " | ".join(_md_escape(h) for h in head) + " |",
+        "|" + "---|" * id_cols + "---:|" * (len(head) - id_cols),
+    ]
+    best = sec.best()
+
+    def bold_if(text: str, value: float | None, column: str) -> str:
+        return f"**{text}**" if value is not None and value == best.get(column) else text
+
+    for row in sec.rows:
+        cols = [f"`{row.model}`", f"`{row.tokens}`", row.protocol_label]
+        if sec.show_weights:
+            cols.append(row.weights_label)
+        if sec.show_seed:
+            cols.append(str(row.seed))
+        for d in sec.datasets:
+            cell = row.cells.get(d)
+            if cell is None:
+                cols.append(MISSING)
+            else:
+                text = f"{cell.value:.1f}" if cell.ci95 is None else f"{cell.value:.1f}±{cell.ci95:.1f}"
+                cols.append(bold_if(text, cell.value, d))
+        cols.append(MISSING if row.mean is None else bold_if(f"{row.mean:.1f}", row.mean, "mean"))
+        cols.append(MISSING if row.avg_rank is None else bold_if(f"{row.avg_rank:.2f}", row.avg_rank, "avg_rank"))
+        lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def _short_source(source: str, model: str) -> str:
+    """A weights source without directories or the model name: 'hub:timm/deit_s.fb_in1k' -> 'hub:fb_in1k'."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or "/" not in rest:
+        return source
+    name = PurePosixPath(rest).name
+    if name.startswith(model + "."):
+        name = name[len(model) + 1 :]
+    return f"{scheme}:{name}"
+
+
+def _label_candidates(spec: str) -> list[str]:
+    """Column headers for a dataset spec, from shortest to the full (always unique) spec."""
+    name, sep, arg = spec.partition(":")
+    if "/" in arg:
+        parts = [p for p in PurePosixPath(arg).parts if p != "/"]
+        last = parts[-1] if parts else arg
+        for suffix in _PATH_SUFFIXES:
+            if last.endswith(suffix) and len(last) > len(suffix):
+                last = last[: -len(suffix)]
+        candidates = [last] + ["/".join(parts[-k:]) for k in range(2, len(parts) + 1)]
+    elif arg in ("", "1"):  # no argument, or the default split 1 (e.g. 'dtd:1')
+        candidates = [name]
+    else:
+        candidates = []
+    return candidates + [spec]
+
+
+def dataset_labels(specs: list[str]) -> dict[str, str]:
+    """Short, unambiguous column headers: 'dtd:1' -> 'dtd', 'imagefolder:/x/caltech101' -> 'caltech101'."""
+    candidates = {s: _label_candidates(s) for s in specs}
+    level = dict.fromkeys(specs, 0)
+    while True:
+        labels = {s: candidates[s][level[s]] for s in specs}
+        by_label: dict[str, list[str]] = {}
+        for s, lab in labels.items():
+            by_label.setdefault(lab, []).append(s)
+        clashes = [s for group in by_label.values() if len(group) > 1 for s in group]
+        bumpable = [s for s in clashes if level[s] < len(candidates[s]) - 1]
+        if not bumpable:
+            return labels
+        for s in bumpable:
+            level[s] += 1
+
+
+def protocol_note(protocol: str, metric: str) -> str:
+    """One line saying what a protocol is (and what its number means under ``metric``)."""
+    desc = PROTOCOL_NOTES.get(protocol)
+    if desc is None:
+        m = _FIXED_EPISODES.match(protocol)
+        desc = (
+            f"fixed episodes: {m.group(1)}-way {m.group(2)}-shot, 15 queries per class"
+            if m
+            else "no description registered (see the records)"
+        )
+    extra = PROTOCOL_METRIC_NOTES.get((protocol, metric))
+    return f"{protocol}: {desc}" + (f"; {extra}" if extra else "")
+
+
+def _splits_text(splits: dict | None) -> str:
+    if not splits:
+        return "unrecorded"
+    order = ["train", "val", "test"]
+    keys = [k for k in order if k in splits] + sorted(k for k in splits if k not in order)
+    parts = []
+    for k in keys:
+        v = splits[k]
+        parts.append(f"{k}=" + ("+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _canonical_tokens(text: str) -> str:
+    try:
+        return str(parse_spec(text))
+    except VTError:
+        return text
+
+
+def is_per_block(tokens: str) -> bool:
+    """Whether a token spec is one point of a per-block curve (``cls[3]``, ``patch[0]``, ``stage[2]``)."""
+    try:
+        spec = parse_spec(tokens)
+    except VTError:
+        return False
+    if len(spec.terms) != 1:
+        return False
+    term = spec.terms[0]
+    return term.single and term.kind in ("cls", "patch", "stage") and term.start >= 0
+
+
+def _as_list(values) -> list | None:
+    if values is None:
+        return None
+    return [values] if isinstance(values, str) else list(values)
+
+
+def _listing(values, limit: int = 12) -> str:
+    """'a, b, c' for an error message, cut after ``limit`` items."""
+    values = list(values)
+    more = f", ... (+{len(values) - limit} more)" if len(values) > limit else ""
+    return ", ".join(map(str, values[:limit])) + more
+
+
+def dataset_names(spec: str) -> set[str]:
+    """Every name a dataset spec answers to in filters: the spec and its short labels ('dtd' for 'dtd:1')."""
+    return {spec, *_label_candidates(spec)}
+
+
+def _apply_filters(table: ResultsTable, *, protocols, tokens, models, datasets) -> tuple[ResultsTable, int]:
+    """Filter records; returns the kept table and how many per-block records were left out by default."""
+    records = list(table)
+    for flag, wanted, key in (
+        ("--protocol", protocols, lambda r: {r["protocol"]}),
+        ("--models", models, lambda r: {r["model"]}),
+        ("--tokens", None if tokens is None else [_canonical_tokens(t) for t in tokens],
+         lambda r: {_canonical_tokens(r["tokens"])}),
+        ("--datasets", datasets, lambda r: dataset_names(r["dataset"])),
+    ):
+        if wanted is None:
+            continue
+        kept = [r for r in records if key(r) & set(wanted)]
+        if not kept:
+            have = sorted({v for r in records for v in key(r)}) if flag != "--datasets" else sorted(
+                {r["dataset"] for r in records}
+            )
+            raise VTError(f"no results match {flag} {','.join(wanted)} (available: {_listing(have)})")
+        records = kept
+    hidden = 0
+    if tokens is None:
+        shown = [r for r in records if not is_per_block(r["tokens"])]
+        hidden = len(records) - len(shown)
+        if not shown:
+            raise VTError(
+                "only per-block records (cls[i], patch[i], stage[i]) found; "
+                "pass --tokens to list them or use 'vt plot per-block'"
+            )
+        records = shown
+    return ResultsTable(records), hidden
+
+
+def _metric_for(task: str, metric: str | None) -> str:
+    return metric or DEFAULT_METRIC.get(task, "top1")
+
+
+def _rank_section(rows: list[Row], datasets: list[str]) -> None:
+    """Per-column ranks (1 = best, ties share the average rank), then each row's mean and average rank."""
+    for d in datasets:
+        values = [r.cells[d].value for r in rows if d in r.cells]
+        for r in rows:
+            if d in r.cells:
+                v = r.cells[d].value
+                higher = sum(x > v for x in values)
+                equal = sum(x == v for x in values)
+                r.cells[d].rank = higher + (equal + 1) / 2
+    for r in rows:
+        if r.cells:
+            cells = [r.cells[d] for d in datasets if d in r.cells]
+            r.mean = sum(c.value for c in cells) / len(cells)
+            r.avg_rank = sum(c.rank for c in cells) / len(cells)
+
+
+def build_leaderboard(
+    table: ResultsTable,
+    *,
+    protocols: list[str] | str | None = None,
+    tokens: list[str] | str | None = None,
+    models: list[str] | str | None = None,
+    datasets: list[str] | str | None = None,
+    metric: str | None = None,
+) -> Leaderboard:
+    """Leaderboard of a results table, optionally filtered; raises VTError when nothing is left.
+
+    Without ``tokens``, per-block records (``cls[3]`` ...) are left out (a note says how many):
+    they are the points of ``vt plot per-block``. ``metric`` defaults to ``top1`` for probes and
+    ``accuracy`` for few-shot; records without the metric are left out (a note says how many).
+    ``datasets`` matches canonical specs or their short names ('dtd' for 'dtd:1').
+    """
+    if len(table) == 0:
+        raise VTError("no results to report")
+    filtered, hidden_per_block = _apply_filters(
+        table,
+        protocols=_as_list(protocols),
+        tokens=_as_list(tokens),
+        models=_as_list(models),
+        datasets=_as_list(datasets),
+    )
+
+    by_task: dict[str, list[dict]] = {}
+    lacking: dict[str, int] = {}
+    for rec in filtered:
+        m = _metric_for(rec["task"], metric)
+        if m in rec.get("metrics", {}):
+            by_task.setdefault(rec["task"], []).append(rec)
+        else:
+            lacking[rec["task"]] = lacking.get(rec["task"], 0) + 1
+    if not by_task:
+        have = sorted({k for r in filtered for k in r.get("metrics", {})})
+        asked = f"metric '{metric}'" if metric else "its default metric (top1 for probes, accuracy for few-shot)"
+        raise VTError(f"no result has {asked} (available: {_listing(have)})")
+
+    tasks = sorted(by_task, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+    sections = [_build_section(task, _metric_for(task, metric), by_task[task]) for task in tasks]
+    used = [r for task in tasks for r in by_task[task]]
+    notes = _notes(sections, used, hidden_per_block, lacking, metric)
+    return Leaderboard(sections=sections, notes=notes)
+
+
+def _build_section(task: str, metric: str, records: list[dict]) -> Section:
+    rows: dict[tuple, Row] = {}
+    for rec in records:
+        weights = rec.get("weights", {})
+        key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
+               weights.get("source", ""), weights["sha256"], rec["seed"])
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = Row(
+                task=task,
+                model=rec["model"],
+                weights_source=weights.get("source", ""),
+                weights_sha256=weights["sha256"],
+                tokens=rec["tokens"],
+                protocol=rec["protocol"],
+                variant=rec.get("variant", ""),
+                seed=rec["seed"],
+            )
+        metrics = rec["metrics"]
+        with_ci = task == "fewshot" and metric == "accuracy"
+        episodes = metrics.get("episodes")
+        row.cells[rec["dataset"]] = Cell(
+            value=float(metrics[metric]),
+            ci95=float(metrics["ci95"]) if with_ci and "ci95" in metrics else None,
+            episodes=int(episodes) if episodes is not None else None,
+            splits=rec.get("splits"),
+        )
+    specs = sorted({rec["dataset"] for rec in records})
+    labels = dataset_labels(specs)
+    columns = sorted(specs, key=lambda s: (labels[s], s))
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k[:6]) + (k[6],))]
+    _rank_section(ordered, columns)
+    return Section(task=task, metric=metric, datasets=columns, labels=labels, rows=ordered)
+
+
+def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, lacking: dict, metric) -> list[str]:
+    notes = []
+    for sec in sections:
+        notes.append(f"{sec.task} cells: {sec.metric} = {METRIC_NOTES.get(sec.metric, 'as recorded in the results')}.")
+    notes.append(
+        f"{MISSING} = no result. Mean and Avg rank use only the datasets a row has; a rank is taken within "
+        "a dataset column among the rows that have it (1 = best, ties share the average rank). Bold = best in column."
+    )
+    protocols = [
+        protocol_note(p, sec.metric) for sec in sections for p in sorted({r.protocol for r in sec.rows})
+    ]
+    notes.append("Protocols: " + "; ".join(protocols) + ".")
+    variants = sorted({r.get("variant", "") for r in records} - {""})
+    if variants:
+        described = [f"{v}: {VARIANT_NOTES.get(v, 'no description registered (see the records)')}" for v in variants]
+        notes.append("Variants: " + "; ".join(described) + ".")
+
+    weights = sorted({(r["model"], r["weights"].get("source", ""), r["weights"]["sha256"]) for r in records})
+    notes.append(
+        "Weights: "
+        + "; ".join(f"{m} = {src or 'unrecorded source'} (sha256 {sha[:12]})" for m, src, sha in weights)
+        + "."
+    )
+    seeds = sorted({r["seed"] for r in records})
+    if len(seeds) == 1:
+        notes.append(f"Seed: {seeds[0]} for every cell.")
+    else:
+        notes.append(f"Seeds: {', '.join(map(str, seeds))} (see the Seed column).")
+
+    episodes: dict[str, set] = {}
+    for r in records:
+        if "episodes" in r.get("metrics", {}):
+            proto = f"{r['protocol']}/{r['variant']}" if r.get("variant") else r["protocol"]
+            episodes.setdefault(proto, set()).add(int(r["metrics"]["episodes"]))
+    if episodes:
+        notes.append(
+            "Episodes per cell: "
+            + "; ".join(f"{p} {' or '.join(map(str, sorted(n)))}" for p, n in sorted(episodes.items()))
+            + "."
+        )
+
+    labels = dataset_labels(sorted({r["dataset"] for r in records}))
+    split_parts = []
+    for spec in sorted(labels, key=lambda s: (labels[s], s)):
+        uses: dict[str, set] = {}
+        for r in records:
+            if r["dataset"] == spec:
+                uses.setdefault(_splits_text(r.get("splits")), set()).add(r["protocol"])
+        name = labels[spec] if labels[spec] == spec else f"{labels[spec]} ({spec})"
+        if len(uses) == 1:
+            split_parts.append(f"{name}: {next(iter(uses))}")
+        else:
+            split_parts.append(
+                f"{name}: " + " | ".join(f"{text} [{', '.join(sorted(p))}]" for text, p in sorted(uses.items()))
+            )
+    notes.append("Datasets and splits: " + "; ".join(split_parts) + ".")
+
+    versions = sorted({str(r.get("versions", {}).get("vtbench", "unrecorded")) for r in records})
+    notes.append(f"vtbench version{'s' if len(versions) > 1 else ''}: {', '.join(versions)}.")
+    if hidden_per_block:
+        notes.append(
+            f"Not shown: {hidden_per_block} per-block records (cls[i], patch[i], stage[i]); "
+            "see 'vt plot per-block' or pass --tokens."
+        )
+    for task, n in sorted(lacking.items()):
+        notes.append(f"Not shown: {n} {task} records without metric {_metric_for(task, metric)}.")
+    return notes
+
+
+def load_results(results_dir: str | os.PathLike) -> ResultsTable:
+    """Load a results directory; VTError when it is missing or holds no results."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise VTError(f"results directory {root} does not exist")
+    table = load(root)
+    if len(table) == 0:
+        raise VTError(f"no vtbench results under {root}")
+    return table
+
+
+def leaderboard_from_dir(results_dir: str | os.PathLike, **filters) -> Leaderboard:
+    """:func:`build_leaderboard` of a results directory (filters as there)."""
+    return build_leaderboard(load_results(results_dir), **filters)

@@ -1,0 +1,186 @@
+"""Figures from the results store: ``vt plot per-block`` and ``vt plot bars``.
+
+Both functions draw on a bare :class:`matplotlib.figure.Figure` (PNG through the
+Agg renderer, no pyplot state), save it to ``out`` and return it, so callers and
+tests can read back exactly what was plotted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vtbench.errors import VTError
+from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block
+from vtbench.results import ResultsTable
+from vtbench.tokens import parse_spec
+
+# A bar chart with more rows than this is unreadable: narrow it with filters instead.
+MAX_BAR_ROWS = 16
+LINE_STYLES = {"cls": "-", "patch": "--", "stage": ":"}
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, out: str | os.PathLike) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out)
+    except ValueError as exc:  # e.g. an unknown file extension
+        raise VTError(f"cannot save figure to {out}: {exc}") from None
+
+
+def _pick_dataset(records: list[dict], dataset: str) -> str:
+    specs = sorted({r["dataset"] for r in records if dataset in dataset_names(r["dataset"])})
+    if not specs:
+        have = sorted({r["dataset"] for r in records})
+        raise VTError(f"no per-block probe results for dataset '{dataset}' (have: {', '.join(have) or 'none'})")
+    if len(specs) > 1:
+        raise VTError(f"dataset '{dataset}' is ambiguous: {', '.join(specs)}; pass the full spec")
+    return specs[0]
+
+
+def plot_per_block(
+    table: ResultsTable,
+    dataset: str,
+    out: str | os.PathLike,
+    models: list[str] | None = None,
+    protocol: str = "default",
+    metric: str = "top1",
+):
+    """Metric of single-block probes (``cls[i]``, ``patch[i]``, ``stage[i]``) against block index.
+
+    One line per model (and weights, variant and seed, where several exist) and token kind.
+    Returns the saved matplotlib Figure.
+    """
+    candidates = [
+        r
+        for r in table
+        if r["task"] == "probe"
+        and r["protocol"] == protocol
+        and is_per_block(r["tokens"])
+        and metric in r.get("metrics", {})
+    ]
+    if not candidates:
+        raise VTError(
+            f"no per-block probe results (cls[i], patch[i], stage[i]) with protocol '{protocol}' and metric '{metric}'"
+        )
+    spec = _pick_dataset(candidates, dataset)
+    records = [r for r in candidates if r["dataset"] == spec]
+    if models:
+        records = [r for r in records if r["model"] in models]
+        if not records:
+            have = sorted({r["model"] for r in candidates if r["dataset"] == spec})
+            raise VTError(f"no per-block results for models {', '.join(models)} on {spec} (have: {', '.join(have)})")
+
+    series: dict[tuple, dict[int, float]] = {}
+    for rec in records:
+        term = parse_spec(rec["tokens"]).terms[0]
+        weights = rec["weights"]
+        group = (rec["model"], weights["sha256"], weights.get("source", ""), rec.get("variant", ""), rec["seed"])
+        series.setdefault(group + (term.kind,), {})[term.start] = float(rec["metrics"][metric])
+
+    weights_per_model: dict[str, set] = {}
+    for model, sha, *_ in series:
+        weights_per_model.setdefault(model, set()).add(sha)
+    seeds = {key[4] for key in series}
+
+    def label(key: tuple) -> str:
+        model, sha, source, variant, seed, kind = key
+        parts = [model]
+        if len(weights_per_model[model]) > 1:
+            parts.append(f"{source or 'weights'} {sha[:12]}")
+        if variant:
+            parts.append(variant)
+        if len(seeds) > 1:
+            parts.append(f"seed {seed}")
+        return " · ".join(parts) + f" · {kind}"
+
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    colors = {}
+    for key in sorted(series, key=lambda k: tuple(map(str, k))):
+        color = colors.setdefault(key[:5], f"C{len(colors) % 10}")
+        points = sorted(series[key].items())
+        ax.plot(
+            [b for b, _ in points],
+            [v for _, v in points],
+            LINE_STYLES.get(key[5], "-"),
+            marker="o",
+            markersize=4,
+            color=color,
+            label=label(key),
+        )
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    name = dataset_labels([spec])[spec]
+    ax.set_title(f"{name}{'' if name == spec else f' ({spec})'}: per-block {metric}, protocol {protocol}")
+    _save(fig, out)
+    return fig
+
+
+def plot_bars(
+    table: ResultsTable,
+    out: str | os.PathLike,
+    *,
+    models: list[str] | str | None = None,
+    tokens: list[str] | str | None = None,
+    protocols: list[str] | str | None = None,
+    datasets: list[str] | str | None = None,
+    metric: str | None = None,
+):
+    """Grouped bars: the leaderboard's rows (same filters) side by side for each dataset.
+
+    One panel per task; few-shot bars carry their 95% CI as error bars. Returns the saved Figure.
+    """
+    import numpy as np
+
+    board = build_leaderboard(
+        table, models=models, tokens=tokens, protocols=protocols, datasets=datasets, metric=metric
+    )
+    for sec in board.sections:
+        if len(sec.rows) > MAX_BAR_ROWS:
+            raise VTError(
+                f"{len(sec.rows)} {sec.task} rows are too many for one bar chart (at most {MAX_BAR_ROWS}); "
+                "narrow them with --models, --tokens or --protocol"
+            )
+    widest = max(len(sec.datasets) * len(sec.rows) for sec in board.sections)
+    # Legends go under their panel, one row per bar series.
+    heights = [3.5 + 0.22 * len(sec.rows) for sec in board.sections]
+    fig = _new_figure(max(7.0, 1.5 + 0.35 * widest), sum(heights))
+    axes = fig.subplots(len(board.sections), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, sec in zip(axes, board.sections):
+        x = np.arange(len(sec.datasets))
+        width = 0.8 / len(sec.rows)
+        for i, row in enumerate(sec.rows):
+            cells = [row.cells.get(d) for d in sec.datasets]
+            heights = [np.nan if c is None else c.value for c in cells]
+            errors = None
+            if sec.has_ci:
+                errors = [np.nan if c is None or c.ci95 is None else c.ci95 for c in cells]
+            ax.bar(
+                x - 0.4 + (i + 0.5) * width,
+                heights,
+                width,
+                yerr=errors,
+                capsize=3 if errors else 0,
+                label=sec.row_label(row),
+                color=f"C{i % 10}",
+            )
+        ax.set_xticks(x, [sec.labels[d] for d in sec.datasets])
+        ax.set_ylabel(f"{sec.metric} (%)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+        ci = ", error bars: 95% CI" if sec.has_ci else ""
+        ax.set_title(f"{sec.task}: {sec.metric}{ci}")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    _save(fig, out)
+    return fig
