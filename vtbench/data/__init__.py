@@ -8,6 +8,7 @@ Files are read from ``--root`` or ``$VT_DATA/<name>``; ``docs/datasets.md`` list
 from vtbench.data.imageset import ImageSet
 from vtbench.data.registry import (
     DatasetInfo,
+    DatasetRequest,
     available_splits,
     canonical_spec,
     dataset_info,
@@ -23,6 +24,7 @@ from vtbench.data import digits, generic, hf, official  # noqa: E402,F401
 __all__ = [
     "ImageSet",
     "DatasetInfo",
+    "DatasetRequest",
     "available_splits",
     "canonical_spec",
     "dataset_info",
