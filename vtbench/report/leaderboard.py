@@ -103,7 +103,7 @@ class Row:
 
     @property
     def weights_label(self) -> str:
-        return f"{_short_source(self.weights_source, self.model)} {self.weights_sha256[:12]}"
+        return f"{_short_source(self.weights_source, self.model) or 'weights'} {self.weights_sha256[:12]}"
 
 
 @dataclass
