@@ -91,7 +91,8 @@ def save(root: str | os.PathLike, record: dict) -> Path:
     record.setdefault("schema", SCHEMA)
     record.setdefault("variant", "")
     record.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    record.setdefault("versions", versions())
+    if "versions" not in record:  # versions() imports torch and timm: only when needed
+        record["versions"] = versions()
     ident = identity(record)  # raises KeyError on a record missing its identity
     path = result_path(root, ident)
     atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
