@@ -288,11 +288,20 @@ def test_missing_annotation_file_names_it(tmp_path):
     assert "gtsrb: no GT-final_test.csv under" in one_line_error(get_dataset, "gtsrb", "test", tmp_path / "g")
 
 
-def test_annotation_naming_an_unknown_class(tmp_path):
+def test_broken_annotations_are_layout_errors(tmp_path):
     mini_aircraft(tmp_path)
     with open(tmp_path / "fgvc-aircraft-2013b/data/images_variant_test.txt", "a") as fh:
         fh.write("0099999 Concorde\n")
     assert "names class 'Concorde'" in one_line_error(get_dataset, "aircraft", "test", tmp_path)
+    mini_cub(tmp_path)
+    with open(tmp_path / "CUB_200_2011/images.txt", "a") as fh:
+        fh.write("7\n")
+    assert "line 7 of" in one_line_error(get_dataset, "cub", "train", tmp_path)
+    mini_fungi(tmp_path / "f")
+    (tmp_path / "f" / "val.json").write_text("{not json")
+    assert "val.json is not valid JSON" in one_line_error(get_dataset, "fungi", "val", tmp_path / "f")
+    (tmp_path / "f" / "val.json").write_text('{"images": []}')
+    assert "is not a COCO-style annotation file" in one_line_error(get_dataset, "fungi", "val", tmp_path / "f")
 
 
 def test_unknown_name_and_split():

@@ -40,16 +40,37 @@ def read_lines(path: Path) -> list[str]:
         return [line.strip() for line in fh if line.strip()]
 
 
+def read_pairs(info: DatasetInfo, path: Path, sep: str | None = None) -> list[tuple[str, str]]:
+    """Lines ``KEY VALUE`` of an annotation file (VALUE may contain ``sep``); malformed lines are a layout error."""
+    pairs = []
+    for n, line in enumerate(read_lines(path), 1):
+        parts = line.split(sep, 1)
+        if len(parts) != 2:
+            raise layout_error(info, f"line {n} of {path} is not '<id> <value>'")
+        pairs.append((parts[0], parts[1].strip()))
+    return pairs
+
+
+def parse_int(info: DatasetInfo, text: str, source: Path) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise layout_error(info, f"{source} has '{text}' where a class index belongs") from None
+
+
 def subfolders(path: Path) -> list[str]:
     """Names of the visible sub-folders of ``path``, sorted (case-sensitive)."""
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def walk_images(base: Path, folder: str) -> list[str]:
-    """Image files under ``base/folder`` as paths relative to ``base``, in torchvision's order."""
+    """Image files under ``base/folder`` (recursively) as paths relative to ``base``, in sorted order.
+
+    Hidden files and folders are skipped (e.g. macOS ``._*`` files, which are not images).
+    """
     found = []
-    for dirpath, dirnames, filenames in sorted(os.walk(base / folder, followlinks=True)):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, dirnames, filenames in os.walk(base / folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # walk sub-folders in order
         rel = Path(dirpath).relative_to(base).as_posix()
         found.extend(f"{rel}/{f}" for f in sorted(filenames)
                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
@@ -86,12 +107,12 @@ def load_cub(req: DatasetRequest) -> ImageSet:
     base = find_base(CUB, req.root, "images.txt", "CUB_200_2011")
     files = {f: require(CUB, base, f) for f in ("images.txt", "image_class_labels.txt",
                                                  "train_test_split.txt", "classes.txt")}
-    classes = [line.split(maxsplit=1) for line in read_lines(files["classes.txt"])]
+    classes = read_pairs(CUB, files["classes.txt"])
     class_names = [name for _, name in classes]
     class_index = {cid: i for i, (cid, _) in enumerate(classes)}
-    paths = dict(line.split(maxsplit=1) for line in read_lines(files["images.txt"]))
-    class_of = dict(line.split() for line in read_lines(files["image_class_labels.txt"]))
-    is_train = dict(line.split() for line in read_lines(files["train_test_split.txt"]))
+    paths = dict(read_pairs(CUB, files["images.txt"]))
+    class_of = dict(read_pairs(CUB, files["image_class_labels.txt"]))
+    is_train = dict(read_pairs(CUB, files["train_test_split.txt"]))
     want = "1" if req.split == "train" else "0"
     ids = [i for i in paths if is_train.get(i) == want]
     missing = [i for i in ids if class_of.get(i) not in class_index]
@@ -120,7 +141,7 @@ def load_aircraft(req: DatasetRequest) -> ImageSet:
     class_names = read_lines(base / "data/variants.txt")
     split_file = require(AIRCRAFT, base, f"data/images_variant_{req.split}.txt")
     label = label_lookup(AIRCRAFT, class_names, split_file)
-    rows = [line.split(" ", 1) for line in read_lines(split_file)]
+    rows = read_pairs(AIRCRAFT, split_file, sep=" ")
     return ImageSet(req.spec, req.split, class_names, [label(variant) for _, variant in rows],
                     [f"data/images/{image}.jpg" for image, _ in rows], base)
 
@@ -195,7 +216,7 @@ def load_gtsrb(req: DatasetRequest) -> ImageSet:
         if rows and not {"Filename", "ClassId"} <= set(rows[0]):
             raise layout_error(GTSRB, f"{table} lacks the Filename and ClassId columns")
         image_ids = [f"GTSRB/Final_Test/Images/{row['Filename']}" for row in rows]
-        labels = [label(f"{int(row['ClassId']):05d}") for row in rows]
+        labels = [label(f"{parse_int(GTSRB, row['ClassId'], table):05d}") for row in rows]
     return ImageSet(req.spec, req.split, GTSRB_CLASSES, labels, image_ids, base)
 
 
@@ -209,12 +230,14 @@ def load_coco_split(info: DatasetInfo, req: DatasetRequest, json_name: str) -> I
     official files of every split list all categories, so labels agree).
     """
     path = require(info, req.root, json_name)
-    with open(path, encoding="utf-8") as fh:
-        coco = json.load(fh)
     try:
+        with open(path, encoding="utf-8") as fh:
+            coco = json.load(fh)
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         category_of = {a["image_id"]: a["category_id"] for a in coco["annotations"]}
         images = [(im["id"], im["file_name"]) for im in coco["images"]]
+    except json.JSONDecodeError as exc:
+        raise layout_error(info, f"{path} is not valid JSON ({exc})") from None
     except (KeyError, TypeError) as exc:
         raise layout_error(info, f"{path} is not a COCO-style annotation file (missing {exc})") from None
     names = [str(c.get("name", c["id"])) for c in categories]
@@ -285,7 +308,7 @@ def size_arg(name: str, arg: str | None) -> str:
 def load_places365(req: DatasetRequest) -> ImageSet:
     size = "256" if req.arg == "small" else "large"
     categories = require(PLACES365, req.root, "categories_places365.txt")
-    by_index = {int(idx): name for name, idx in (line.rsplit(maxsplit=1) for line in read_lines(categories))}
+    by_index = {parse_int(PLACES365, idx, categories): name for name, idx in read_pairs(PLACES365, categories)}
     if sorted(by_index) != list(range(len(by_index))):
         raise layout_error(PLACES365, f"{categories} does not number its classes 0..N-1")
     class_names = [by_index[i] for i in range(len(by_index))]
@@ -299,8 +322,6 @@ def load_places365(req: DatasetRequest) -> ImageSet:
     folder = next((f for f in folders if (req.root / f).is_dir()), None)
     if folder is None:
         raise layout_error(PLACES365, f"no {folders[0]}/ under {req.root}")
-    rows = [line.split() for line in read_lines(file_list)]
-    if any(len(row) != 2 for row in rows):
-        raise layout_error(PLACES365, f"{file_list} has lines without a class index")
-    return ImageSet(req.spec, req.split, class_names, [int(idx) for _, idx in rows],
+    rows = read_pairs(PLACES365, file_list)
+    return ImageSet(req.spec, req.split, class_names, [parse_int(PLACES365, idx, file_list) for _, idx in rows],
                     [f"{folder}/{image.lstrip('/')}" for image, _ in rows], req.root)

@@ -120,7 +120,7 @@ def list_datasets() -> list[DatasetInfo]:
 
 def layout_error(info: DatasetInfo, problem: str) -> VTError:
     """The one-line error for data that is not where the layout says it should be."""
-    hint = " (pass --root or set $VT_DATA)" if not info.generic else ""
+    hint = " (pass --root or set $VT_DATA)" if info.needs_root else ""
     return VTError(f"{info.name}: {problem}; expected {info.layout}{hint}")
 
 
