@@ -1,0 +1,124 @@
+"""Eval transforms: timm's own (``model``) or the paper's resize-without-crop (``ipvit``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vtbench.errors import VTError
+
+MODES = ("model", "ipvit")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash", "border")
+# The paper's code resizes with torchvision's Resize((224, 224)), whose default is bilinear.
+IPVIT_INTERPOLATION = "bilinear"
+
+
+class ImageTransform:
+    """PIL image -> float tensor (3, H, W): convert to RGB, then run a torchvision pipeline. Picklable."""
+
+    def __init__(self, pipeline: Callable, description: dict):
+        self.pipeline = pipeline
+        self.description = description
+
+    def __call__(self, image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.pipeline(image)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.description})"
+
+
+def _input_size(value, channels: int) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        size = (channels, value, value)
+    else:
+        size = tuple(value)
+        if len(size) == 2:
+            size = (channels, *size)
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise VTError(f"input size must be a positive integer or (C, H, W); got {value!r}")
+    return size
+
+
+def _triple(name: str, value, channels: int, positive: bool) -> list[float]:
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise VTError(f"{name} must be {channels} numbers; got {value!r}") from None
+    if len(values) != channels or (positive and min(values) <= 0):
+        raise VTError(f"{name} must be {channels} {'positive ' if positive else ''}numbers; got {value!r}")
+    return values
+
+
+def build_transform(
+    data_config: dict,
+    mode: str = "model",
+    *,
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean=None,
+    std=None,
+) -> tuple[Callable, dict]:
+    """``(transform, description)`` for eval images.
+
+    ``mode="model"``: timm's eval transform from ``data_config`` (resize to input/crop_pct,
+    crop, normalise), each given option overriding the config. ``mode="ipvit"``: resize to the
+    input size with no crop (the paper's protocol), bilinear unless ``interpolation`` is given,
+    normalised with the config's mean/std unless given. ``description`` is JSON-serialisable and
+    identifies the transform in cache metadata.
+    """
+    if mode not in MODES:
+        raise VTError(f"unknown transform mode '{mode}'; use one of: {', '.join(MODES)}")
+    size = _input_size(data_config["input_size"] if input_size is None else input_size, data_config["input_size"][0])
+    default_interpolation = IPVIT_INTERPOLATION if mode == "ipvit" else data_config.get("interpolation", "bicubic")
+    interpolation = interpolation or default_interpolation
+    if interpolation not in INTERPOLATIONS:
+        raise VTError(f"unknown interpolation '{interpolation}'; use one of: {', '.join(INTERPOLATIONS)}")
+    mean = _triple("mean", data_config["mean"] if mean is None else mean, size[0], positive=False)
+    std = _triple("std", data_config["std"] if std is None else std, size[0], positive=True)
+
+    if mode == "ipvit":
+        if crop_pct is not None:
+            raise VTError("the ipvit transform resizes without cropping; crop_pct applies to the 'model' transform only")
+        from torchvision import transforms as T
+
+        pipeline = T.Compose(
+            [
+                T.Resize(size[1:], interpolation=T.InterpolationMode(interpolation)),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+        crop_mode = None
+    else:
+        from timm.data import DEFAULT_CROP_PCT, create_transform
+
+        if crop_pct is None:
+            crop_pct = data_config.get("crop_pct") or DEFAULT_CROP_PCT
+        if not 0 < crop_pct <= 1:
+            raise VTError(f"crop_pct must be in (0, 1]; got {crop_pct}")
+        crop_mode = data_config.get("crop_mode") or "center"
+        if crop_mode not in CROP_MODES:
+            raise VTError(f"unknown crop_mode '{crop_mode}'; use one of: {', '.join(CROP_MODES)}")
+
+        pipeline = create_transform(
+            input_size=size,
+            is_training=False,
+            interpolation=interpolation,
+            mean=tuple(mean),
+            std=tuple(std),
+            crop_pct=crop_pct,
+            crop_mode=crop_mode,
+        )
+    description = {
+        "mode": mode,
+        "input_size": list(size),
+        "interpolation": interpolation,
+        "crop_pct": None if crop_pct is None else float(crop_pct),
+        "crop_mode": crop_mode,
+        "mean": mean,
+        "std": std,
+    }
+    return ImageTransform(pipeline, description), description
