@@ -55,3 +55,26 @@ def lite0_cache_dir(tmp_path_factory) -> Path:
     extract("tf_efficientnet_lite0", "dtd", ["train", "val", "test"], root=SHARED_DATA / "dtd", **common)
     extract("tf_efficientnet_lite0", f"imagefolder:{SHARED_DATA / 'caltech101'}", ["test"], **common)
     return out
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def vt(capsys):
+    """Run `vt ARGS...` in-process through the real entry point (error handling and exit codes included)."""
+    from vtbench.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

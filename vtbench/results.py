@@ -53,7 +53,7 @@ def versions() -> dict:
 
     return {
         "vtbench": vtbench.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "timm": timm.__version__,
         "numpy": numpy.__version__,
         "sklearn": sklearn.__version__,

@@ -517,3 +517,64 @@ def check_compatible(caches: dict[str, "FeatureCache"]) -> None:
                     f"the {ref_name} and {name} caches differ in {field} "
                     f"({ref.meta.get(field)!r} vs {other.meta.get(field)!r}); extract both with the same options"
                 )
+
+
+def verify_cache(path: str | os.PathLike) -> list[str]:
+    """Check one cache file end to end; returns the problems found (empty when it is sound).
+
+    Checks the format and completeness, that the stored key matches its identity
+    fields, that every row is written or listed as skipped, that datasets have
+    the recorded shapes and chunking, and that every written feature is finite.
+    """
+    path = Path(path)
+    problems = []
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        return [f"unreadable: {exc}"]
+    with f:
+        meta = read_meta(f)
+        if meta.get("format") != FORMAT:
+            return ["not a vtbench cache"]
+        if meta.get("status") != "complete":
+            problems.append(f"status is {meta.get('status')!r}, not complete")
+        try:
+            if cache_key(meta) != meta.get("key"):
+                problems.append("stored key does not match the identity fields (metadata was edited?)")
+        except ValueError as exc:
+            problems.append(str(exc))
+        if path.name.endswith(".h5") and not path.name.endswith(".partial.h5") and meta.get("key", "")[:16] not in path.name:
+            problems.append("file name does not carry the key")
+        n = int(meta.get("n", -1))
+        status = f["row_status"][:]
+        if len(status) != n:
+            problems.append(f"row_status has {len(status)} rows, expected {n}")
+        pending = int(np.count_nonzero(status == PENDING))
+        if pending:
+            problems.append(f"{pending} rows were never written")
+        n_skipped = int(np.count_nonzero(status == SKIPPED))
+        listed = len(f["skipped/image_id"]) if "skipped" in f else 0
+        if n_skipped != listed:
+            problems.append(f"{n_skipped} rows marked skipped but {listed} listed")
+        labels = f["labels"][:]
+        if len(labels) != n or (n and (labels.min() < 0 or labels.max() >= len(f["class_names"]))):
+            problems.append("labels missing or out of range")
+        if len(f["image_ids"]) != n:
+            problems.append("image_ids length differs from n")
+        written = status == WRITTEN
+        for kind, dims in meta.get("dims", {}).items():
+            for block, dim in enumerate(dims):
+                name = f"features/{kind}/{block_name(block)}"
+                if name not in f:
+                    problems.append(f"missing {name}")
+                    continue
+                ds = f[name]
+                if ds.shape != (n, dim):
+                    problems.append(f"{name} has shape {ds.shape}, expected {(n, dim)}")
+                if ds.chunks and int(np.prod(ds.chunks)) * ds.dtype.itemsize > MAX_CHUNK_BYTES:
+                    problems.append(f"{name} chunks exceed 1 MiB")
+                if str(ds.dtype) != meta.get("dtype"):
+                    problems.append(f"{name} is {ds.dtype}, expected {meta.get('dtype')}")
+                if not np.isfinite(ds[:][written]).all():
+                    problems.append(f"{name} holds non-finite values")
+    return problems

@@ -1,0 +1,114 @@
+"""How close is `vt extract` to the model's own speed, and does its memory stay flat?
+
+Prints, measured in this one run on this machine:
+
+1. end-to-end `extract()` img/s (listing, decoding in workers, forward, HDF5 writes, finalize) divided
+   by a bare forward loop over pre-made tensors: same model, batch size and torch threads.
+   Target on a 2-core CPU: >= 0.9 for tf_efficientnet_lite0 on shared DTD.
+2. the cost of extracting every block vs only the pre-logit feature. Target: <= 10% more.
+3. peak RSS of an extraction at two dataset sizes (8x apart), each in a fresh process. Target: flat.
+
+    python benchmarks/extract_efficiency.py [--data ../shared/data] [--weights ...] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def bare_forward_rate(backbone, images: torch.Tensor, batch_size: int) -> float:
+    """img/s of model forward + pre-logits over already-decoded tensors (the ceiling for extract)."""
+    with torch.inference_mode():
+        backbone.model.forward_features(images[:batch_size])  # warm-up
+        t0 = time.perf_counter()
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            backbone.model.forward_head(backbone.model.forward_features(x), pre_logits=True)
+        return len(images) / (time.perf_counter() - t0)
+
+
+def extract_rate(backbone, dataset, split, root, batch_size, kinds=None) -> float:
+    from vtbench.extract import extract
+
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        (report,) = extract(backbone, dataset, split, root, out=out, batch_size=batch_size, kinds=kinds, progress=False)
+        return report.n / (time.perf_counter() - t0)
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, tempfile
+from vtbench.extract import extract
+folder, out = sys.argv[1], sys.argv[2]
+extract("vit_small_patch16_224", f"imagefolder:{folder}", "train", weights="random",
+        model_kwargs={"img_size": 32}, out=out, batch_size=256, progress=False, dtype="float32")
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_memory(n_images: int, workdir: Path) -> float:
+    from PIL import Image
+
+    folder = workdir / f"imgs{n_images}"
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        d = folder / "train" / f"c{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:06d}.png")
+    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder), str(workdir / f"cache{n_images}")],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED / "data")
+    parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"))
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--memory-sizes", default="1000,8000")
+    args = parser.parse_args()
+
+    from vtbench.data import get_dataset
+    from vtbench.models import build_transform, create_backbone
+
+    threads = torch.get_num_threads()
+    backbone = create_backbone(args.model, args.weights)
+    imageset = get_dataset("dtd", args.split, args.data / "dtd")
+    transform, _ = build_transform(backbone.data_config)
+    images = torch.stack([transform(imageset.load(i)) for i in range(len(imageset))])
+    print(f"{args.model} on shared DTD/{args.split}: {len(imageset)} images, batch {args.batch_size}, "
+          f"{threads} torch threads")
+
+    bare = bare_forward_rate(backbone, images, args.batch_size)
+    full = extract_rate(backbone, "dtd", args.split, args.data / "dtd", args.batch_size)
+    pre = extract_rate(backbone, "dtd", args.split, args.data / "dtd", args.batch_size, kinds=["prelogits"])
+    print(f"bare forward over pre-made tensors : {bare:7.2f} img/s")
+    print(f"vt extract, every block            : {full:7.2f} img/s")
+    print(f"vt extract, pre-logits only        : {pre:7.2f} img/s")
+    print(f"RATIO extract/bare                 : {full / bare:.3f}   (target >= 0.9)")
+    print(f"RATIO every-block cost / pre-logits: {pre / full:.3f}   (target <= 1.10)")
+
+    sizes = [int(s) for s in args.memory_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        peaks = [peak_memory(n, Path(tmp)) for n in sizes]
+    for n, peak in zip(sizes, peaks):
+        print(f"peak RSS, {n:6d} images (vit_small 32px, all 12 blocks): {peak:7.1f} MiB")
+    print(f"RATIO peak RSS {sizes[-1]}/{sizes[0]} images : {peaks[-1] / peaks[0]:.3f}   (flat: ~1.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""`vt extract` end to end on tiny random-init models and tiny image folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vtbench.errors import VTError
+from vtbench.extract import extract, open_cache
+from vtbench.extract.cache import list_caches, partial_path, verify_cache
+
+VIT = "vit_small_patch16_224"
+VIT_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+VT = str(Path(sys.executable).with_name("vt"))
+
+
+def make_imagefolder(root: Path, classes=3, per_class=5, splits=("train", "test"), size=(40, 30), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = (rng.random((size[1], size[0], 3)) * 255 * (c + 1) / classes).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> str:
+    return f"imagefolder:{make_imagefolder(tmp_path / 'imgs')}"
+
+
+def tiny(**kw):
+    return dict(weights="random", model_kwargs=VIT_KW, progress=False, batch_size=4, workers=0, **kw)
+
+
+def read_all(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        out = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+
+def test_cache_matches_direct_forward(folder, tmp_path):
+    (report,) = extract(VIT, folder, "train", **tiny(dtype="float32"))
+    assert not report.reused and report.n == 15
+    cache = open_cache(report.path)
+    assert cache.kinds == {"cls": 3, "patch": 3, "prelogits": 1}
+    assert cache.meta["status"] == "complete" and cache.meta["norm"] is True
+    assert verify_cache(report.path) == []
+
+    # Independent: the same images through the backbone, one at a time.
+    from vtbench.data import get_dataset
+    from vtbench.models import build_transform, create_backbone
+
+    ds = get_dataset(folder, "train")
+    bb = create_backbone(VIT, "random", model_kwargs=VIT_KW)
+    fn, _ = build_transform(bb.data_config)
+    x = torch.stack([fn(ds.load(i)) for i in range(len(ds))])
+    want = bb.features(x, norm=True)
+    for (kind, block), tensor in want.items():
+        np.testing.assert_allclose(cache.block(kind, block), tensor.numpy(), rtol=1e-4, atol=1e-5)
+    assert list(cache.labels) == list(ds.labels) and cache.image_ids == list(ds.image_ids)
+    assert cache.features("cls[-2:]").shape == (15, 64)
+
+
+def test_reuse_force_and_new_key(folder):
+    (first,) = extract(VIT, folder, "train", **tiny())
+    mtime = first.path.stat().st_mtime_ns
+    content = read_all(first.path)
+    (again,) = extract(VIT, folder, "train", **tiny())
+    assert again.reused and again.path == first.path and first.path.stat().st_mtime_ns == mtime
+
+    (no_norm,) = extract(VIT, folder, "train", **tiny(norm=False))
+    assert not no_norm.reused and no_norm.path != first.path
+    with open_cache(first.path) as a, open_cache(no_norm.path) as b:
+        assert not np.allclose(a.block("cls", 0), b.block("cls", 0))
+
+    (forced,) = extract(VIT, folder, "train", **tiny(force=True))
+    assert not forced.reused and forced.path == first.path and forced.path.stat().st_mtime_ns != mtime
+    recomputed = read_all(forced.path)
+    assert all(np.array_equal(content[k], recomputed[k]) for k in content)  # deterministic
+
+
+def test_float16_default_chunks_under_1mib(folder):
+    (report,) = extract(VIT, folder, "train", **tiny())
+    with h5py.File(report.path, "r") as f:
+        ds = f["features/patch/001"]
+        assert ds.dtype == np.float16 and ds.compression is None
+        assert ds.chunks[1] == 32 and ds.chunks[0] * 32 * 2 <= 1 << 20
+
+
+def test_bad_images_skipped_and_listed(folder, tmp_path):
+    root = Path(folder.split(":", 1)[1])
+    bad = root / "train" / "class1" / "img002.png"
+    bad.write_bytes(b"not a png at all")
+    (report,) = extract(VIT, folder, "train", **tiny())
+    assert len(report.skipped) == 1 and "img002" in report.skipped[0][0]
+    cache = open_cache(report.path)
+    assert len(cache) == 14 and len(cache.skipped) == 1
+    assert "img002" in cache.skipped[0][0] and cache.skipped[0][1]
+    assert verify_cache(report.path) == []
+    with pytest.raises(VTError, match="img002"):
+        extract(VIT, folder, "train", **tiny(on_error="fail", force=True))
+
+
+def test_interrupted_run_resumes_to_identical_content(folder, tmp_path, monkeypatch):
+    (clean,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "clean"))
+
+    from vtbench.models import Backbone
+
+    calls = {"n": 0}
+    real = Backbone.features
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Backbone, "features", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract(VIT, folder, "train", **tiny(out=tmp_path / "resumed"))
+    monkeypatch.setattr(Backbone, "features", real)
+
+    partials = list((tmp_path / "resumed").rglob("*.partial.h5"))
+    assert len(partials) == 1 and not list_caches(tmp_path / "resumed")
+    with pytest.raises(VTError, match="partial"):
+        open_cache(partials[0])
+    with h5py.File(partials[0], "r") as f:
+        assert (f["row_status"][:] == 1).sum() == 8  # two batches of 4 were written
+
+    (resumed,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "resumed"))
+    assert resumed.resumed_rows == 8 and not partials[0].exists()
+    a, b = read_all(clean.path), read_all(resumed.path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_several_models_share_one_decode_pass(folder, tmp_path):
+    from vtbench.models import create_backbone
+
+    vit = create_backbone(VIT, "random", model_kwargs=VIT_KW)
+    other = create_backbone(VIT, "random", model_kwargs=VIT_KW, seed=1)
+    reports = extract([vit, other], folder, "train", **tiny(out=tmp_path / "both"))
+    assert len(reports) == 2 and reports[0].path != reports[1].path
+    (alone,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "alone", seed=1))
+    assert read_all(alone.path)["features/cls/001"].tobytes() == read_all(reports[1].path)["features/cls/001"].tobytes()
+
+
+def test_cnn_stages(folder):
+    (report,) = extract("resnet18", folder, "test", weights="random", input_size=32, progress=False, workers=0)
+    cache = open_cache(report.path)
+    assert set(cache.kinds) == {"stage", "prelogits"}
+    assert cache.features("stage[-1]").shape == (15, 512)
+    assert cache.features("prelogits").shape == (15, 512)
+
+
+def run_vt(*args, env=None, **kw):
+    return subprocess.run([VT, *args], capture_output=True, text=True, env=env or os.environ.copy(), **kw)
+
+
+def test_cli_extract_and_cache_commands(folder, tmp_path, vt):
+    out = tmp_path / "c"
+    args = ["extract", "--model", VIT, "--dataset", folder, "--split", "train,test", "--random-init",
+            "--model-kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}',
+            "--out", str(out), "--batch-size", "4", "--no-progress"]
+    first = run_vt(*args)  # once as a real process, as a user runs it
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("images in") == 2
+    second = vt(*args)
+    assert second.returncode == 0 and second.stdout.count("cached") == 2
+
+    ls = vt("cache", "ls", "--out", out)
+    assert ls.returncode == 0 and ls.stdout.count("complete") == 2
+    path = next(out.rglob("train-*.h5"))
+    info = vt("cache", "info", path)
+    assert "weights_sha256" in info.stdout and "/features/cls/002" in info.stdout
+    verify = vt("cache", "verify", "--out", out)
+    assert verify.returncode == 0 and verify.stdout.count("ok") == 2
+
+    with h5py.File(path, "r+") as f:  # tamper with the identity
+        f.attrs["norm"] = False
+    verify = vt("cache", "verify", path)
+    assert verify.returncode == 1 and "key" in verify.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--random-init", "--dataset", "no-such-dataset"], "no-such-dataset"),
+    (["--random-init", "--dataset", "imagefolder:/does/not/exist"], "/does/not/exist"),
+    (["--random-init", "--dataset", "digits", "--dtype", "int8"], "dtype"),
+    (["--dataset", "digits", "--checkpoint", "/nope.safetensors"], "nope.safetensors"),
+    (["--dataset", "digits", "--checkpoint", "/nope.safetensors", "--random-init"], "not both"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path, vt):
+    res = vt("extract", "--model", VIT, "--out", str(tmp_path), "--no-progress", *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_kill_9_then_rerun_gives_identical_content(tmp_path, vt, monkeypatch):
+    """A real SIGKILL in the middle of a run, then a rerun, ends with the same file as a clean run."""
+    folder = f"imagefolder:{make_imagefolder(tmp_path / 'imgs', classes=4, per_class=24, splits=('train',), size=(64, 48))}"
+    kw = '{"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}'
+    base = ["extract", "--model", VIT, "--dataset", folder, "--split", "train", "--random-init", "--model-kwargs", kw,
+            "--batch-size", "4", "--no-progress", "--workers", "0"]
+    env = dict(os.environ, VT_COMMIT_EVERY_S="0")
+    proc = subprocess.Popen([VT, *base, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed").rglob("*.partial.h5"))
+        if found:
+            partial = found[0]
+            with h5py.File(partial, "r", locking=False) as f:
+                done = int((f["row_status"][:] == 1).sum())
+            if done >= 40:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make the dataset larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial is not None and partial.exists()
+
+    res = run_vt(*base, "--out", str(tmp_path / "killed"), env=env)
+    assert res.returncode == 0, res.stderr
+    assert "resumed after" in res.stdout
+    monkeypatch.setenv("VT_COMMIT_EVERY_S", "0")
+    clean = vt(*base, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    (a,) = (tmp_path / "killed").rglob("*.h5")
+    (b,) = (tmp_path / "clean").rglob("*.h5")
+    assert a.name == b.name
+    da, db = read_all(a), read_all(b)
+    assert da.keys() == db.keys()
+    for name in da:
+        assert np.array_equal(da[name], db[name]), name

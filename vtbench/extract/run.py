@@ -1,0 +1,418 @@
+"""`vt extract`: one frozen forward pass over a dataset split into an HDF5 cache per model.
+
+The pipeline for one split::
+
+    worker processes: load + decode + transform one batch of images   (DataLoader)
+    main thread:      forward every model that shares the transform    (AMP + channels_last on CUDA)
+    writer thread:    stream each batch's features into the caches     (CacheWriter)
+
+Batches are aligned to a fixed grid of ``batch_size`` rows, so a resumed run
+recomputes exactly the batches an uninterrupted run would and ends with the
+same content.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import vtbench
+from vtbench.errors import VTError
+from vtbench.extract.cache import (
+    FORMAT_VERSION,
+    CacheWriter,
+    Layout,
+    cache_key,
+    cache_path,
+    open_cache,
+    partial_path,
+)
+from vtbench.paths import cache_dir
+
+# How often the writer thread makes written rows durable: at most this many seconds of work are
+# lost to a kill -9. Each commit flushes whole chunks, so committing every batch would be slow on GPUs.
+COMMIT_EVERY_S = float(os.environ.get("VT_COMMIT_EVERY_S", "2.0"))
+
+
+@dataclass
+class ExtractReport:
+    """What one (model, split) extraction produced."""
+
+    model: str
+    dataset: str
+    split: str
+    path: Path
+    key: str
+    n: int
+    reused: bool = False
+    resumed_rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+    def summary(self) -> str:
+        if self.reused:
+            return f"{self.model} {self.dataset}/{self.split}: cached, {self.n} images -> {self.path}"
+        text = (f"{self.model} {self.dataset}/{self.split}: {self.n} images in {self.seconds:.1f}s "
+                f"({self.images_per_s:.1f} img/s) -> {self.path}")
+        if self.resumed_rows:
+            text += f" (resumed after {self.resumed_rows} rows)"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(i for i, _ in self.skipped[:5])
+            text += " ..." if len(self.skipped) > 5 else ""
+        return text
+
+
+def resolve_device(device: str | None) -> "torch.device":
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise VTError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def cache_meta(backbone, imageset, transform_desc: dict, *, norm: bool, dtype: str, precision: str) -> dict:
+    """Everything recorded about one cache; the identity fields among it make the key."""
+    import timm
+    import torch
+
+    from vtbench.results import versions
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": backbone.name,
+        "model_kwargs": backbone.model_kwargs,
+        "weights_source": backbone.weights_source,
+        "weights_sha256": backbone.weights_sha256,
+        "arch": backbone.arch,
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "transform": transform_desc,
+        "norm": bool(norm),
+        "dtype": dtype,
+        "precision": precision,
+        "token_kinds": sorted(backbone.layout),
+        "dataset": imageset.name,
+        "split": imageset.split,
+        "dataset_root": str(imageset.root or ""),
+        "data_fingerprint": imageset.fingerprint,
+        "timm_version": timm.__version__,
+        "torch_version": str(torch.__version__),
+        "vtbench_version": vtbench.__version__,
+        "versions": versions(),
+    }
+    meta["key"] = cache_key(meta)
+    return meta
+
+
+class _BatchImages:
+    """Dataset of whole batches: item i decodes and transforms rows ``batches[i]`` (runs in a worker)."""
+
+    def __init__(self, imageset, transform, batches: Sequence[tuple[int, int]]):
+        self.imageset, self.transform, self.batches = imageset, transform, list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        start, stop = self.batches[i]
+        images, errors = [], {}
+        for row in range(start, stop):
+            try:
+                images.append(self.transform(self.imageset.load(row)))
+            except Exception as exc:  # any decode/transform failure marks the image as unreadable
+                errors[row] = f"{type(exc).__name__}: {exc}".strip()
+                images.append(None)
+        shape = next((img.shape for img in images if img is not None), None)
+        if shape is None:
+            return start, stop, None, errors
+        batch = torch.stack([img if img is not None else torch.zeros(shape) for img in images])
+        return start, stop, batch, errors
+
+
+def _lower_priority(_worker_id: int) -> None:
+    # Decoding yields the CPU to the forward pass when both compete for the same cores.
+    try:
+        os.nice(5)
+    except OSError:
+        pass
+
+
+class _Writer:
+    """Background thread that streams batches into CacheWriters and commits them every few seconds."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="vt-cache-writer", daemon=True)
+        self._writers: set = set()
+        self._thread.start()
+
+    def _loop(self) -> None:
+        last_commit = time.monotonic()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if self._error is not None:
+                continue  # drain after a failure
+            writer, start, feats, skipped = item
+            try:
+                writer.write(start, feats, skipped)
+                self._writers.add(writer)
+                if time.monotonic() - last_commit > COMMIT_EVERY_S:
+                    for w in self._writers:
+                        w.commit()
+                    last_commit = time.monotonic()
+            except BaseException as exc:  # surfaced in the main thread
+                self._error = exc
+
+    def put(self, writer, start: int, feats: dict, skipped: dict) -> None:
+        self.check()
+        self._queue.put((writer, start, feats, skipped))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every queued batch to be written, then commit."""
+        self._queue.put(None)
+        self._thread.join()
+        for w in self._writers:
+            w.commit()
+        self.check()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1, file=sys.stderr)
+
+
+def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
+    import torch
+
+    from vtbench.models import Backbone, create_backbone
+
+    items = models if isinstance(models, (list, tuple)) else [models]
+    out = []
+    for item in items:
+        bb = item if isinstance(item, Backbone) else create_backbone(
+            item, weights, model_kwargs=model_kwargs, seed=seed, device=device)
+        bb.model.to(device)
+        if device.type == "cuda":
+            bb.model.to(memory_format=torch.channels_last)
+        out.append(bb)
+    return out
+
+
+def extract(
+    model,
+    dataset: str,
+    splits: str | Iterable[str] | None = None,
+    root: str | os.PathLike | None = None,
+    *,
+    weights: str = "pretrained",
+    model_kwargs: dict | None = None,
+    seed: int = 0,
+    transform: str = "model",
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    norm: bool = True,
+    dtype: str = "float16",
+    kinds: Iterable[str] | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | None = None,
+    amp: bool = True,
+    force: bool = False,
+    on_error: str = "skip",
+    progress: bool = True,
+    log=None,
+) -> list[ExtractReport]:
+    """Extract per-block tokens of one or more models over dataset splits into HDF5 caches.
+
+    ``model`` is a timm name, a :class:`~vtbench.models.Backbone`, or a list of
+    them: models whose transforms agree share one decode pass. ``splits``
+    defaults to the dataset's transfer splits (train, val if any, test).
+    A complete cache with the same key is reused without a forward pass;
+    ``force`` recomputes it. An interrupted run resumes from its partial file.
+    Unreadable images are skipped and listed (``on_error="fail"`` stops instead).
+    """
+    import torch
+
+    from vtbench.data import available_splits, dataset_info, get_dataset
+    from vtbench.models import build_transform
+
+    if dtype not in ("float16", "float32"):
+        raise VTError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if on_error not in ("skip", "fail"):
+        raise VTError(f"--on-error must be skip or fail, not {on_error!r}")
+    if batch_size < 1:
+        raise VTError("--batch-size must be at least 1")
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    dev = resolve_device(device)
+    if splits is None:
+        info = dataset_info(dataset)
+        wanted = [info.train_split, info.val_split, info.test_split]
+        present = available_splits(dataset, root)
+        splits = [s for s in dict.fromkeys(wanted) if s and s in present]
+    elif isinstance(splits, str):
+        splits = [s.strip() for s in splits.split(",") if s.strip()]
+    root_dir = cache_dir(out)
+    use_amp = amp and dev.type == "cuda"
+    precision = "bf16-autocast" if use_amp else "fp32"
+    kind_filter = set(kinds) if kinds else None
+
+    backbones = _as_backbones(model, weights, model_kwargs, seed, dev)
+    # One decode pass per distinct transform.
+    groups: dict[str, list] = {}
+    for bb in backbones:
+        if kind_filter is not None:
+            unknown = kind_filter - set(bb.layout)
+            if unknown:
+                raise VTError(f"{bb.name} has no {', '.join(sorted(unknown))} features (it has: {', '.join(bb.layout)})")
+        fn, desc = build_transform(bb.data_config, transform, input_size=input_size, crop_pct=crop_pct,
+                                   interpolation=interpolation, mean=mean, std=std)
+        groups.setdefault(repr(sorted(desc.items())), []).append((bb, fn, desc))
+
+    reports = []
+    for split in splits:
+        imageset = get_dataset(dataset, split, root)
+        if len(imageset) == 0:
+            raise VTError(f"{imageset.name}/{split} has no images")
+        for members in groups.values():
+            reports.extend(_extract_group(
+                members, imageset, root_dir, norm=norm, dtype=dtype, precision=precision, kinds=kind_filter,
+                batch_size=batch_size, workers=workers, device=dev, amp=use_amp, force=force,
+                on_error=on_error, progress=progress, say=say,
+            ))
+    return reports
+
+
+def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds, batch_size, workers, device,
+                   amp, force, on_error, progress, say) -> list[ExtractReport]:
+    """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass."""
+    import torch
+
+    reports, jobs = [], []
+    for bb, fn, desc in members:
+        layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
+        meta = cache_meta(bb, imageset, desc, norm=norm, dtype=dtype, precision=precision)
+        meta["token_kinds"] = sorted(layout)
+        meta["key"] = cache_key(meta)
+        final = cache_path(root_dir, meta)
+        if force:
+            final.unlink(missing_ok=True)
+            partial_path(final).unlink(missing_ok=True)
+        if final.exists():
+            reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"], len(imageset), reused=True))
+            continue
+        writer = CacheWriter.open(root_dir, meta, Layout(layout), imageset.labels, imageset.image_ids,
+                                  imageset.class_names, batch_size)
+        jobs.append((bb, writer, set(layout)))
+    if not jobs:
+        return reports
+
+    transform = members[0][1]
+    # Resumed files keep their own batch grid; files on different grids cannot share batches.
+    grids: dict[int, list] = {}
+    for job in jobs:
+        grids.setdefault(job[1].batch_size, []).append(job)
+    for grid_jobs in grids.values():
+        reports.extend(_run_batches(grid_jobs, imageset, transform, norm=norm, workers=workers, device=device,
+                                    amp=amp, on_error=on_error, progress=progress, say=say))
+    return reports
+
+
+def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_error, progress, say):
+    import torch
+    from torch.utils.data import DataLoader
+
+    pending = {id(w): set(w.pending_batches()) for _, w, _ in jobs}
+    batches = sorted(set().union(*pending.values()))
+    resumed = {id(w): w.resumed_rows for _, w, _ in jobs}
+    total_rows = sum(stop - start for start, stop in batches)
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 1
+    loader = DataLoader(
+        _BatchImages(imageset, transform, batches), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
+        worker_init_fn=_lower_priority if workers else None, persistent_workers=False,
+    )
+    names = "+".join(bb.name for bb, _, _ in jobs)
+    bar = _progress(total_rows, f"{names} {imageset.name}/{imageset.split}", progress)
+    writer_thread = _Writer()
+    t0 = time.perf_counter()
+    try:
+        for start, stop, batch, errors in loader:
+            if errors and on_error == "fail":
+                row, err = next(iter(errors.items()))
+                raise VTError(f"cannot read image {imageset.image_ids[row]} ({err}); "
+                              f"rerun with --on-error skip to skip unreadable images")
+            n = stop - start
+            for bb, writer, kinds in jobs:
+                if (start, stop) not in pending[id(writer)]:
+                    continue
+                if batch is None:
+                    feats = {(k, b): np.zeros((n, d), np.float32) for k, dims in bb.layout.items() if k in kinds
+                             for b, d in enumerate(dims)}
+                else:
+                    feats = _forward(bb, batch, norm=norm, kinds=kinds, device=device, amp=amp)
+                    for row in errors:
+                        for arr in feats.values():
+                            arr[row - start] = 0
+                writer_thread.put(writer, start, feats, errors)
+            bar.update(n)
+        writer_thread.close()
+    except BaseException as exc:
+        bar.close()
+        try:
+            writer_thread.close()
+        finally:
+            for _, writer, _ in jobs:
+                writer.close()
+        if isinstance(exc, KeyboardInterrupt):
+            say(f"interrupted: written rows are kept in {jobs[0][1].partial}; rerun the same command to resume")
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    reports = []
+    for bb, writer, _ in jobs:
+        path = writer.finalize()
+        with open_cache(path) as cache:  # the file's own list covers rows skipped before a resume too
+            skipped_list, key = cache.skipped, cache.key
+        reports.append(ExtractReport(
+            bb.name, imageset.name, imageset.split, path, key, len(imageset),
+            resumed_rows=resumed[id(writer)], skipped=skipped_list, seconds=seconds,
+            images_per_s=total_rows / seconds if seconds > 0 else 0.0,
+        ))
+    return reports
+
+
+def _forward(bb, batch, *, norm, kinds, device, amp) -> dict:
+    import torch
+
+    x = batch.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        feats = bb.features(x, norm=norm, kinds=kinds)
+    return {key: t.float().cpu().numpy() for key, t in feats.items()}
