@@ -237,7 +237,7 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
         ("test_vit", "random", {"no_such_arg": 1}, "model_kwargs"),
         ("test_vit", "pkg:not_a_package", {}, "unknown weights package"),
         ("test_resnet", LITE0_PACKAGE, {}, "only fit a timm EfficientNet"),
-        ("deit_small_patch16_224.no_such_tag", "random", {}, "Invalid pretrained tag"),
+        ("deit_small_patch16_224.no_such_tag", "random", {}, "no pretrained tag 'no_such_tag'.*fb_in1k"),
     ],
 )
 def test_user_errors_are_one_line_vterrors(name, weights, kwargs, message):

@@ -133,15 +133,27 @@ def _fc_norm(model: torch.nn.Module) -> torch.nn.Module | None:
 # --------------------------------------------------------------------------- construction
 
 
-def check_model_name(name: str) -> None:
-    """VTError (with close names) unless ``name`` is a timm model, optionally with a pretrained tag."""
+def pretrained_tags(name: str) -> list[str]:
+    """The pretrained tags timm knows for ``name``'s architecture (``fb_in1k``, ...)."""
     import timm
 
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; did you mean: {', '.join(close)}?" if close else "; list names with 'vt models PATTERN'"
-    raise VTError(f"unknown timm model '{name}'{hint}")
+    arch = name.split(".", 1)[0]
+    return [full.split(".", 1)[1] for full in timm.list_pretrained(f"{arch}.*") if "." in full]
+
+
+def check_model_name(name: str) -> None:
+    """VTError (with close names) unless ``name`` is a timm model, optionally ``arch.tag`` with a known tag."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(close)}?" if close else "; list names with 'vt models PATTERN'"
+        raise VTError(f"unknown timm model '{name}'{hint}")
+    if "." in name:
+        arch, tag = name.split(".", 1)
+        tags = pretrained_tags(arch)
+        if tag not in tags:
+            raise VTError(f"timm has no pretrained tag '{tag}' for {arch}; its tags: {', '.join(tags) or 'none'}")
 
 
 def instantiate(name: str, model_kwargs: dict, pretrained_path=None) -> torch.nn.Module:
@@ -154,10 +166,6 @@ def instantiate(name: str, model_kwargs: dict, pretrained_path=None) -> torch.nn
                 name, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_path)}, **model_kwargs
             )
         return timm.create_model(name, pretrained=False, **model_kwargs)
-    except RuntimeError as exc:
-        if "pretrained tag" in str(exc):  # "Invalid pretrained tag (x) for arch."
-            raise VTError(str(exc)) from None
-        raise
     except (TypeError, ValueError, AssertionError) as exc:
         if not model_kwargs:
             raise

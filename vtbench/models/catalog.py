@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from vtbench.models.backbone import check_model_name, inspect_architecture, instantiate, resolve_data_config
+from vtbench.models.backbone import (
+    check_model_name,
+    inspect_architecture,
+    instantiate,
+    pretrained_tags,
+    resolve_data_config,
+)
 from vtbench.models.transforms import build_transform
 
 # The paper's backbones and close relatives, shown by a bare `vt models`.
@@ -34,14 +40,6 @@ def find_models(pattern: str | None = None, pretrained: bool = False) -> list[st
         pattern = f"*{pattern}*"
     names = timm.list_pretrained(pattern) if pretrained else timm.list_models(pattern)
     return sorted(names)
-
-
-def pretrained_tags(name: str) -> list[str]:
-    """The pretrained tags timm knows for ``name``'s architecture."""
-    import timm
-
-    arch = name.split(".", 1)[0]
-    return [full.split(".", 1)[1] for full in timm.list_pretrained(f"{arch}.*") if "." in full]
 
 
 def describe_model(name: str, model_kwargs: dict | None = None) -> dict:

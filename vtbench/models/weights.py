@@ -225,10 +225,7 @@ def pretrained_file(name: str) -> tuple[str, Path]:
     """``(weights_source, local file)`` of timm's pretrained weights for ``name`` (hub cache or download)."""
     from timm.models import get_pretrained_cfg
 
-    try:
-        cfg = get_pretrained_cfg(name)
-    except RuntimeError as exc:  # "Invalid pretrained tag (x) for arch"
-        raise VTError(f"{exc} {NO_WEIGHTS_HINT}") from None
+    cfg = get_pretrained_cfg(name)  # the tag was checked by check_model_name
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise VTError(f"timm has no pretrained weights for '{name}'; {NO_WEIGHTS_HINT}")
     if cfg.hf_hub_id:
