@@ -1,0 +1,306 @@
+"""``run_fewshot``: episodes on cached features, one result record per (tokens, protocol, classifier).
+
+Which images episodes draw from: every image of the chosen classes, pooled over
+all extracted splits of the dataset (Meta-Dataset uses every image of a test
+class); ``split=`` restricts the pool. Images present in two splits (``train``
+and ``trainval``) enter once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from vtbench.errors import VTError
+from vtbench.fewshot.classifiers import CLASSIFIERS, episode_accuracies, resolve_device
+from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes, save_episodes
+from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
+from vtbench.fewshot.splits import class_split, default_subset
+from vtbench.paths import results_dir
+from vtbench.tokens import TokenSpec, parse_spec
+
+SAMPLERS = ("md", "fixed")
+DEFAULT_EPISODES = 600
+DEFAULT_QUERIES = 15
+
+
+@dataclass
+class Pool:
+    """The images episodes draw from: rows of one or more caches, each image once."""
+
+    caches: list  # FeatureCache, in split order
+    rows: list[np.ndarray]  # per cache, the rows kept (an image already seen in an earlier split is dropped)
+    image_ids: list[str]
+    labels: np.ndarray  # indices into class_names
+    class_names: list[str]  # sorted union over the caches
+    _features: dict = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        return [c.meta["split"] for c in self.caches]
+
+    def features(self, spec: TokenSpec) -> np.ndarray:
+        """Pool features for a token spec, (N, D) float32."""
+        key = str(spec)
+        if key not in self._features:
+            self._features = {key: np.concatenate([c.features(spec)[r] for c, r in zip(self.caches, self.rows)])}
+        return self._features[key]
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+
+
+def open_pool(model: str, dataset: str, splits: Sequence[str] | None, cache_dir=None, **filters) -> Pool:
+    """Open the caches of ``splits`` (default: every split of the dataset that has a cache for ``model``)."""
+    from vtbench.data import dataset_info
+    from vtbench.extract.cache import check_compatible, find_cache, list_caches, open_cache
+    from vtbench.paths import cache_dir as resolve_cache_dir
+
+    if not splits:
+        present = {m["split"] for _, m in list_caches(resolve_cache_dir(cache_dir))
+                   if m.get("model") == model and m.get("dataset") == dataset}
+        declared = list(dataset_info(dataset).splits)
+        splits = [s for s in declared if s in present] + sorted(present - set(declared))
+        if not splits:
+            test = dataset_info(dataset).test_split or "test"
+            raise VTError(
+                f"no cache for {model} on {dataset} under {resolve_cache_dir(cache_dir)}; make it with: "
+                f"vt extract --model {model} --dataset {dataset} --split {test}"
+            )
+    caches = [open_cache(find_cache(model, dataset, s, cache_dir, **filters)) for s in dict.fromkeys(splits)]
+    check_compatible({c.meta["split"]: c for c in caches})
+    class_names = sorted({name for c in caches for name in c.class_names})
+    label_of = {name: i for i, name in enumerate(class_names)}
+    seen: set[str] = set()
+    rows, image_ids, labels = [], [], []
+    for cache in caches:
+        ids = cache.image_ids
+        keep = np.array([i for i, image_id in enumerate(ids) if image_id not in seen], dtype=np.int64)
+        seen.update(ids)
+        remap = np.array([label_of[name] for name in cache.class_names], dtype=np.int64)
+        rows.append(keep)
+        image_ids.extend(ids[i] for i in keep)
+        labels.append(remap[cache.labels[keep]])
+    return Pool(caches, rows, image_ids, np.concatenate(labels), class_names)
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, (str, int, TokenSpec)) else list(value)
+
+
+def _variant(classifier: str, *, l2_normalize, center, C, extras: list[str]) -> str:
+    """Classifier plus every option that changes the number, e.g. ``ncc+center``, ``lr+C0.1+300ep``."""
+    parts = [classifier]
+    if classifier == "ncc" and center:
+        parts.append("center")
+    if classifier == "lr" and C != 1.0:
+        parts.append(f"C{C:g}")
+    if not l2_normalize:
+        parts.append("nol2")
+    return "+".join(parts + extras)
+
+
+def run_fewshot(
+    model: str,
+    dataset: str,
+    tokens: str | Sequence[str] = "cls[-1]",
+    sampler: str = "md",
+    *,
+    classifier: str | Sequence[str] = "lr",
+    episodes: int | str | os.PathLike = DEFAULT_EPISODES,
+    ways: int = 5,
+    shots: int | Sequence[int] = (1, 5),
+    queries: int = DEFAULT_QUERIES,
+    classes: str | None = None,
+    seed: int = 0,
+    split: str | Sequence[str] | None = None,
+    l2_normalize: bool = True,
+    center: bool = False,
+    C: float = 1.0,
+    save_episodes_to: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    results: str | os.PathLike | None = None,
+    skip_existing: bool = False,
+    save: bool = True,
+    device: str = "auto",
+    weights: str | None = None,
+    transform: str | None = None,
+    norm: bool | None = None,
+    dtype: str | None = None,
+) -> list[dict]:
+    """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier).
+
+    ``sampler`` is ``md`` (Meta-Dataset variable-way variable-shot) or ``fixed``
+    (``ways``-way, one run per entry of ``shots``, ``queries`` per class).
+    ``episodes`` is a count (drawn with ``seed``) or an episodes file to replay
+    (its sampler, seed and classes are used). ``classes`` picks the class split
+    (``test`` by default where one is defined, else ``all``). Records are saved
+    to the results store unless ``save=False``; with ``skip_existing`` a stored
+    record is returned (marked ``"skipped": True``) instead of being recomputed.
+    """
+    from vtbench import results as store
+    from vtbench.data import canonical_spec, dataset_info
+
+    t0 = time.perf_counter()
+    specs = [parse_spec(t) for t in _as_list(tokens)]
+    classifiers = _as_list(classifier)
+    for name in classifiers:
+        if name not in CLASSIFIERS:
+            raise VTError(f"unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}")
+    if center and "ncc" not in classifiers:
+        raise VTError("--center applies to the ncc classifier only")
+    if C <= 0:
+        raise VTError(f"C must be positive, got {C}")
+    info = dataset_info(dataset)
+    dataset = canonical_spec(dataset)
+    if isinstance(episodes, str) and episodes.strip().isdigit():
+        episodes = int(episodes)
+    episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
+    splits = _as_list(split) if split else None
+    filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype)
+
+    pool = open_pool(model, dataset, splits, cache_dir, **filters)
+    try:
+        t_open = time.perf_counter()
+        if episode_file is not None:
+            sets, class_info, source, extras = _replay(episode_file, dataset, pool)
+        else:
+            subset = classes or default_subset(info.name)
+            sets, class_info = _sample(info.name, pool, subset, _samplers(sampler, ways, shots, queries),
+                                       int(episodes), seed)
+            source = {"seed": seed, "episodes": int(episodes)}
+            extras = [f"{episodes}ep"] if episodes != DEFAULT_EPISODES else []
+            if subset != default_subset(info.name):
+                extras.append(f"classes-{subset}")
+            if sampler == "fixed" and queries != DEFAULT_QUERIES:
+                extras.append(f"q{queries}")
+            if save_episodes_to:
+                save_episodes(save_episodes_to, sets, dataset=dataset, splits=pool.splits, classes=class_info,
+                              image_ids=pool.image_ids, class_names=pool.class_names)
+        if splits:
+            extras.append("splits-" + "-".join(pool.splits))
+        t_episodes = time.perf_counter()
+
+        ref = pool.caches[0].meta
+        results_root = results_dir(results)
+        device_used = str(resolve_device(device))
+        lib_versions = store.versions()
+        records = []
+        for spec in specs:
+            for episode_set in sets:
+                for name in classifiers:
+                    record = {
+                        "task": "fewshot",
+                        "model": model,
+                        "weights": {"source": ref.get("weights_source"), "sha256": ref["weights_sha256"]},
+                        "dataset": dataset,
+                        "tokens": str(spec),
+                        "protocol": episode_set.sampler.protocol,
+                        "variant": _variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
+                        "seed": episode_set.seed,
+                    }
+                    path = store.result_path(results_root, store.identity(record))
+                    if skip_existing and path.exists():
+                        records.append(dict(json.loads(path.read_text()), skipped=True, _path=str(path)))
+                        continue
+                    t_solve = time.perf_counter()
+                    scores = episode_accuracies(
+                        pool.features(spec), episode_set.episodes, name,
+                        l2_normalize=l2_normalize, center=center, C=C, device=device_used,
+                    )
+                    record.update(_details(scores, episode_set, pool, ref, name, l2_normalize, center, C,
+                                           class_info, source, device_used))
+                    record["timings"] = {"open_s": t_open - t0, "episodes_s": t_episodes - t_open,
+                                         "solve_s": time.perf_counter() - t_solve}
+                    record["versions"] = lib_versions
+                    if save:
+                        record["_path"] = str(store.save(results_root, record))
+                    records.append(record)
+        return records
+    finally:
+        pool.close()
+
+
+def _replay(episode_file: Path, dataset: str, pool: Pool) -> tuple[list[EpisodeSet], dict, dict, list[str]]:
+    """Episode sets of a file, mapped onto the pool; the variant names the file by its sha256."""
+    doc, sha = read_episodes(episode_file)
+    if doc.get("dataset") != dataset:
+        raise VTError(f"episodes file {episode_file} is for dataset '{doc.get('dataset')}', not '{dataset}'")
+    sets = episodes_from_ids(doc, pool.image_ids, pool.labels, pool.class_names)
+    return sets, doc.get("classes", {}), {"file": str(episode_file), "sha256": sha}, [f"file-{sha[:8]}"]
+
+
+def _sample(dataset_name: str, pool: Pool, subset: str, samplers: list, num_episodes: int, seed: int):
+    """One seeded episode set per sampler over the classes of ``subset``; classes too small are left out."""
+    chosen, class_info = class_split(dataset_name, pool.class_names, subset)
+    chosen_labels = [pool.class_names.index(n) for n in chosen]
+    sets, excluded = [], {}
+    for s in samplers:
+        usable, too_small = eligible_classes(pool.labels, chosen_labels, s)
+        if too_small:
+            excluded[s.protocol] = [pool.class_names[c] for c in too_small]
+        sets.append(EpisodeSet(s, seed, sample_episodes(pool.labels, usable, s, num_episodes, seed)))
+    if excluded:
+        class_info = dict(class_info, excluded_too_few_images=excluded)
+    return sets, class_info
+
+
+def _samplers(sampler: str, ways: int, shots, queries: int) -> list:
+    if sampler == "md":
+        return [MetaDatasetSampler()]
+    if sampler == "fixed":
+        shots = sorted(set(int(s) for s in _as_list(shots)))
+        if not shots:
+            raise VTError("--shots needs at least one value for the fixed sampler")
+        return [FixedSampler(ways, k, queries) for k in shots]
+    raise VTError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+
+
+def _details(scores, episode_set, pool, ref, classifier, l2_normalize, center, C, class_info, source, device) -> dict:
+    """Metrics and provenance of one result record."""
+    eps = episode_set.episodes
+    accs = scores.accuracy
+    mean, ci95, std = confidence_interval(accs)
+    clf = {"name": classifier, "l2_normalize": l2_normalize}
+    if classifier == "lr":
+        clf.update(C=C, l2="1/(C*n_support)", objective="mean cross-entropy + l2/2 ||W||^2, bias unpenalised",
+                   solver="vtbench.transfer.solver.fit_logreg (L-BFGS, tol 1e-4 relative gradient norm)",
+                   converged_fraction=float(scores.converged.mean()),
+                   mean_iterations=float(scores.iterations.mean()))
+    else:
+        clf.update(center=center, similarity="cosine to class centroids",
+                   centering="mean of the episode's support features" if center else None)
+    return {
+        "metrics": {"accuracy": mean, "ci95": ci95, "std": std, "episodes": len(eps)},
+        "episode_accuracies": [round(float(a) * 100, 4) for a in accs],
+        "splits": {"episodes": pool.splits},
+        "caches": {"episodes": [{"key": c.key, "path": str(c.path), "split": c.meta["split"]} for c in pool.caches]},
+        "transform": ref.get("transform"),
+        "norm": ref.get("norm"),
+        "dtype": ref.get("dtype"),
+        "fewshot": {
+            "sampler": episode_set.sampler.params(),
+            "classifier": clf,
+            "classes": class_info,
+            "episodes_source": source,
+            "pool_images": len(pool.image_ids),
+            "mean_ways": float(np.mean([e.ways for e in eps])),
+            "mean_support": float(np.mean([len(e.support) for e in eps])),
+            "mean_query": float(np.mean([len(e.query) for e in eps])),
+            "device": device,
+        },
+    }
+
+
+def confidence_interval(accuracies) -> tuple[float, float, float]:
+    """Mean, 95% half-width (1.96 * std / sqrt(n), numpy std with ddof 0) and std, all in percent."""
+    accs = np.asarray(accuracies, dtype=np.float64) * 100
+    std = float(accs.std())
+    return float(accs.mean()), 1.96 * std / float(np.sqrt(len(accs))), std
