@@ -1,0 +1,456 @@
+"""Suites: a YAML grid of models x datasets x token specs x protocols, run end to end by `vt run`.
+
+A suite file maps one-to-one onto the CLI: every key of its ``extract``,
+``probe``, ``fewshot`` and ``leaderboard`` sections is an option of that `vt`
+command (dashes become underscores), validated against the command itself
+before anything runs. See ``configs/demo.yaml`` (the embedded default) and
+``configs/ipvit.yaml`` (the paper's grid).
+
+Running a suite: for each dataset, one extraction pass feeds every model that
+shares a transform (caches that exist are reused, interrupted ones resumed),
+then probes and few-shot runs (results already stored are skipped), then the
+leaderboard and plots. A rerun after an interruption therefore picks up where
+it stopped, and ``--dry-run`` prints the plan with what is already done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vtbench.errors import VTError
+
+DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+TOP_LEVEL_KEYS = {
+    "suite": "a name for the suite",
+    "description": "free text",
+    "datasets": "dataset specs, e.g. [dtd, gtsrb] (see `vt datasets`)",
+    "roots": "dataset name -> root dir (default: $VT_DATA/<name>)",
+    "models": "list of models: {model, checkpoint | random_init | pretrained, seed, model_kwargs, tokens}",
+    "cache_dir": "feature caches (vt extract --out; default: $VT_CACHE)",
+    "results": "results store (default: $VT_RESULTS, else ./results)",
+    "report_dir": "where leaderboard.md/.csv and plots are written",
+    "extract": "options of `vt extract`",
+    "probe": "options of `vt probe` (omit the section to skip probes)",
+    "fewshot": "options of `vt fewshot` (omit the section to skip few-shot)",
+    "leaderboard": "options of `vt leaderboard`, plus plots: [per-block, bars]",
+}
+# Options a suite sets itself: they come from the suite's top level or its model entries.
+SUITE_OWNED = {
+    "extract": {"model", "dataset", "root", "split", "out", "pretrained", "checkpoint", "random_init", "seed",
+                "model_kwargs", "progress", "force"},
+    "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype"},
+    "fewshot": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
+                "save_episodes", "episodes_file"},
+    "leaderboard": {"results_dir", "out"},
+}
+MODEL_KEYS = {"model", "pretrained", "checkpoint", "random_init", "seed", "model_kwargs", "tokens"}
+PLOTS = ("per-block", "bars")
+
+
+@dataclass
+class ModelEntry:
+    """One row family of the suite: a timm model with its weights and token specs."""
+
+    model: str
+    weights: str = "pretrained"  # "pretrained" | "random" | checkpoint path / pkg:...
+    seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+    tokens: list[str] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.weights == "pretrained":
+            return self.model
+        if self.weights == "random":
+            return f"{self.model} (random init, seed {self.seed})"
+        return f"{self.model} ({self.weights})"
+
+    def weights_filter(self) -> str:
+        """A `--weights` filter matching this entry's caches and results without loading the model."""
+        if self.weights == "pretrained":
+            return "hub:"
+        if self.weights == "random":
+            return f"random-init:seed={self.seed}"
+        from vtbench.models.weights import checkpoint_path, sha256_file
+
+        return sha256_file(checkpoint_path(self.weights))
+
+
+@dataclass
+class Suite:
+    path: Path
+    name: str
+    datasets: list[str]
+    models: list[ModelEntry]
+    roots: dict[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None
+    results: str | None = None
+    report_dir: str | None = None
+    extract: dict = field(default_factory=dict)
+    probe: dict | None = None
+    fewshot: dict | None = None
+    leaderboard: dict = field(default_factory=dict)
+
+    def root_for(self, dataset: str) -> str | None:
+        name = dataset.split(":", 1)[0]
+        root = self.roots.get(dataset) or self.roots.get(name)
+        return str(Path(root).expanduser()) if root else None
+
+    def results_dir(self) -> Path:
+        from vtbench.paths import results_dir
+
+        return results_dir(self.results)
+
+    def report_path(self) -> Path:
+        return Path(self.report_dir).expanduser() if self.report_dir else self.results_dir()
+
+
+# --------------------------------------------------------------------------- loading and validation
+
+
+def _command_params(command: str) -> dict:
+    """The click parameters of `vt COMMAND`, by Python name: the schema a suite section is checked against."""
+    import typer.main
+
+    from vtbench.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands[command]
+    if hasattr(cmd, "commands"):  # a sub-app: take its default command's params
+        cmd = next(iter(cmd.commands.values()))
+    return {p.name: p for p in cmd.params}
+
+
+def _convert(param, value, where: str):
+    """Check and convert a YAML value against the Python type of a `vt` option (int, float, bool, str, path, lists)."""
+    import typing
+
+    annotation = param.type_descriptor.annotation
+    optional = False
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = True, args[0]
+    if value is None:
+        if optional:
+            return None
+        raise VTError(f"{where}: needs a value")
+    if typing.get_origin(annotation) in (list, typing.List):
+        (element,) = typing.get_args(annotation) or (str,)
+        return [_scalar(element, v, where) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, (list, dict)):
+        raise VTError(f"{where}: takes one value, not a {type(value).__name__}")
+    return _scalar(annotation, value, where)
+
+
+def _scalar(kind, value, where: str):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise VTError(f"{where}: must be true or false, not {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise VTError(f"{where}: must be an integer, not {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise VTError(f"{where}: must be a number, not {value!r}")
+        return float(value)
+    if isinstance(value, (list, dict)) or isinstance(value, bool):
+        raise VTError(f"{where}: must be a string, not {value!r}")
+    return Path(str(value)) if kind is Path else str(value)
+
+
+def _section(raw: dict, section: str, source: str) -> dict:
+    values = raw.get(section) or {}
+    if not isinstance(values, dict):
+        raise VTError(f"{source}: '{section}' must be a mapping of `vt {section}` options")
+    params = _command_params(section)
+    allowed = set(params) - SUITE_OWNED[section]
+    if section == "leaderboard":
+        allowed |= {"plots"}
+    out = {}
+    for key, value in values.items():
+        where = f"{source}: {section}.{key}"
+        if key not in allowed:
+            owned = " (the suite sets it)" if key in SUITE_OWNED[section] else ""
+            raise VTError(f"{where}: unknown key{owned}; valid keys: {', '.join(sorted(allowed))}")
+        if key == "plots":
+            plots = value if isinstance(value, list) else [value]
+            bad = [p for p in plots if p not in PLOTS]
+            if bad:
+                raise VTError(f"{where}: unknown plot {bad[0]!r}; choose from {', '.join(PLOTS)}")
+            out[key] = plots
+            continue
+        out[key] = _convert(params[key], value, where)
+    return out
+
+
+def _model_entry(item, index: int, source: str) -> ModelEntry:
+    where = f"{source}: models[{index}]"
+    if isinstance(item, str):
+        item = {"model": item}
+    if not isinstance(item, dict) or "model" not in item:
+        raise VTError(f"{where}: each model needs at least 'model: <timm name>'")
+    unknown = set(item) - MODEL_KEYS
+    if unknown:
+        raise VTError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(MODEL_KEYS))}")
+    params = _command_params("extract")
+    from vtbench.cli.common import weights_choice
+
+    checked = {k: _convert(params[k], item[k], f"{where}.{k}") for k in ("pretrained", "checkpoint", "random_init", "seed")
+               if k in item}
+    weights = weights_choice(checked.get("pretrained", True), checked.get("checkpoint"), checked.get("random_init", False))
+    kwargs = item.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise VTError(f"{where}.model_kwargs: must be a mapping, e.g. {{img_size: 64}}")
+    tokens = item.get("tokens")
+    if tokens is not None:
+        tokens = [str(t) for t in (tokens if isinstance(tokens, list) else [tokens])]
+    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens)
+
+
+def load_suite(path: str | os.PathLike | None = None) -> Suite:
+    """Read and fully validate a suite file (default: the embedded demo). Raises VTError on any bad key or value."""
+    import yaml
+
+    from vtbench.tokens import parse_spec
+
+    path = Path(path) if path else DEMO
+    if not path.is_file():
+        raise VTError(f"no suite file at {path}")
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        raise VTError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise VTError(f"{source}: a suite is a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    unknown = set(raw) - set(TOP_LEVEL_KEYS)
+    if unknown:
+        raise VTError(f"{source}: unknown key '{sorted(unknown)[0]}'; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+    datasets = raw.get("datasets")
+    if not datasets or not isinstance(datasets, list):
+        raise VTError(f"{source}: 'datasets' must be a non-empty list")
+    from vtbench.data import dataset_info
+
+    for i, spec in enumerate(datasets):
+        try:
+            dataset_info(str(spec))
+        except VTError as exc:
+            raise VTError(f"{source}: datasets[{i}]: {exc}") from None
+    models = raw.get("models")
+    if not models or not isinstance(models, list):
+        raise VTError(f"{source}: 'models' must be a non-empty list")
+    roots = raw.get("roots") or {}
+    if not isinstance(roots, dict):
+        raise VTError(f"{source}: 'roots' must map dataset names to directories")
+    suite = Suite(
+        path=path,
+        name=str(raw.get("suite") or path.stem),
+        datasets=[str(d) for d in datasets],
+        models=[_model_entry(m, i, source) for i, m in enumerate(models)],
+        roots={str(k): str(v) for k, v in roots.items()},
+        cache_dir=raw.get("cache_dir"),
+        results=raw.get("results"),
+        report_dir=raw.get("report_dir"),
+        extract=_section(raw, "extract", source),
+        probe=_section(raw, "probe", source) if raw.get("probe") is not None else None,
+        fewshot=_section(raw, "fewshot", source) if raw.get("fewshot") is not None else None,
+        leaderboard=_section(raw, "leaderboard", source),
+    )
+    for i, entry in enumerate(suite.models):
+        for spec in entry.tokens or []:
+            try:
+                parse_spec(spec)
+            except VTError as exc:
+                raise VTError(f"{source}: models[{i}].tokens: {exc}") from None
+    return suite
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Step:
+    """One unit of work in a suite run, with whether it is already done."""
+
+    kind: str  # extract | probe | fewshot | report
+    dataset: str
+    what: str
+    done: bool
+
+    def line(self) -> str:
+        return f"[{'done' if self.done else 'todo'}] {self.kind:8s} {self.dataset:14s} {self.what}"
+
+
+def _tokens(suite: Suite, entry: ModelEntry, section: dict) -> list[str]:
+    return entry.tokens or section.get("tokens") or ["cls[-1]"]
+
+
+def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[str], list[str]]:
+    """(splits the suite extracts, those already cached for this entry)."""
+    from vtbench.data import available_splits, dataset_info
+    from vtbench.extract.cache import find_cache
+
+    info = dataset_info(dataset)
+    wanted = [s for s in dict.fromkeys([info.train_split, info.val_split, info.test_split]) if s]
+    try:
+        present = available_splits(dataset, suite.root_for(dataset))
+        wanted = [s for s in wanted if s in present]
+    except VTError:
+        pass  # data not on disk yet: plan the usual splits
+    done = []
+    ex = suite.extract
+    for split in wanted:
+        try:
+            find_cache(entry.model, dataset, split, suite.cache_dir, weights=entry.weights_filter(),
+                       transform=ex.get("transform", "model"), norm=ex.get("norm", True), dtype=ex.get("dtype", "float16"))
+            done.append(split)
+        except VTError:
+            pass
+    return wanted, done
+
+
+def _stored(records: list[dict], entry: ModelEntry, dataset: str, task: str) -> list[dict]:
+    from vtbench.data import canonical_spec
+
+    wfilter = entry.weights_filter()
+    canon = canonical_spec(dataset)
+    return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
+            and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))]
+
+
+def plan(suite: Suite) -> list[Step]:
+    """Every step of the suite, marked done where its cache or result already exists."""
+    from vtbench import results as store
+    from vtbench.tokens import parse_spec
+
+    records = store.load(suite.results_dir()).records
+    steps = []
+    for dataset in suite.datasets:
+        for entry in suite.models:
+            wanted, done = _cached_splits(suite, entry, dataset)
+            steps.append(Step("extract", dataset, f"{entry.label}: splits {', '.join(wanted)}"
+                              + (f" ({len(done)}/{len(wanted)} cached)" if done else ""), len(done) == len(wanted)))
+        for entry in suite.models:
+            if suite.probe is not None:
+                stored = _stored(records, entry, dataset, "probe")
+                for protocol in suite.probe.get("protocol") or ["default"]:
+                    for spec in _tokens(suite, entry, suite.probe):
+                        canon = str(parse_spec(spec))
+                        hit = any(r["tokens"] == canon and r["protocol"] == protocol for r in stored)
+                        steps.append(Step("probe", dataset, f"{entry.label} {canon} {protocol}", hit))
+                    if suite.probe.get("per_block"):
+                        n = sum(1 for r in stored if r["protocol"] == protocol and "[" in r["tokens"]
+                                and ":" not in r["tokens"] and "+" not in r["tokens"] and "all" not in r["tokens"]
+                                and not r["tokens"].endswith("[-1]"))
+                        steps.append(Step("probe", dataset, f"{entry.label} per-block {protocol} ({n} stored)", n > 0))
+            if suite.fewshot is not None:
+                stored = _stored(records, entry, dataset, "fewshot")
+                sampler = suite.fewshot.get("sampler", "md")
+                for spec in _tokens(suite, entry, suite.fewshot):
+                    canon = str(parse_spec(spec))
+                    hits = [r for r in stored if r["tokens"] == canon]
+                    for classifier in suite.fewshot.get("classifier") or ["lr"]:
+                        hit = any(r.get("variant", "").startswith(classifier) for r in hits)
+                        steps.append(Step("fewshot", dataset, f"{entry.label} {canon} {sampler} {classifier}", hit))
+    report = suite.report_path()
+    steps.append(Step("report", "*", f"leaderboard + plots in {report}", (report / "leaderboard.md").exists()))
+    return steps
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _build_backbones(suite: Suite, device: str | None) -> list:
+    from vtbench.extract.run import resolve_device
+    from vtbench.models import create_backbone
+
+    dev = resolve_device(device)
+    return [create_backbone(e.model, e.weights, model_kwargs=e.model_kwargs, seed=e.seed, device=dev)
+            for e in suite.models]
+
+
+def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
+              log: Callable[[str], Any] | None = None) -> list[Step]:
+    """Run (or with ``dry_run`` only plan) a suite; returns the plan as it stood before running."""
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    steps = plan(suite)
+    todo = sum(not s.done for s in steps)
+    say(f"suite {suite.name}: {len(steps)} steps, {len(steps) - todo} already done")
+    for step in steps:
+        say("  " + step.line())
+    if dry_run:
+        return steps
+
+    from vtbench.extract import extract
+    from vtbench.fewshot import run_fewshot
+    from vtbench.transfer import run_probe
+
+    ex = dict(suite.extract)
+    backbones = _build_backbones(suite, ex.get("device"))
+    selection = dict(transform=ex.get("transform", "model"), norm=ex.get("norm", True), dtype=ex.get("dtype", "float16"))
+    for dataset in suite.datasets:
+        say(f"== {dataset}: extract")
+        for report in extract(backbones, dataset, None, suite.root_for(dataset), out=suite.cache_dir,
+                              progress=progress, **ex):
+            say("  " + report.summary())
+        for entry, bb in zip(suite.models, backbones):
+            common = dict(cache_dir=suite.cache_dir, results=suite.results, weights=bb.weights_sha256,
+                          skip_existing=True, **selection)
+            if suite.probe is not None:
+                opts = {k: v for k, v in suite.probe.items() if k not in ("tokens", "protocol")}
+                say(f"== {dataset}: probe {entry.label}")
+                for protocol in suite.probe.get("protocol") or ["default"]:
+                    for rec in run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe), protocol,
+                                         **opts, **common):
+                        say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
+            if suite.fewshot is not None:
+                opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
+                say(f"== {dataset}: few-shot {entry.label}")
+                for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot), **opts, **common):
+                    m = rec["metrics"]
+                    say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} {m['accuracy']:.2f} ± {m['ci95']:.2f}")
+    write_report(suite, say)
+    return steps
+
+
+def write_report(suite: Suite, say: Callable[[str], Any]) -> Path:
+    """Leaderboard (markdown + csv) and the plots asked for, into the suite's report dir; prints the markdown."""
+    from vtbench import results as store
+    from vtbench.report.leaderboard import build_leaderboard
+
+    opts = dict(suite.leaderboard)
+    plots = opts.pop("plots", list(PLOTS))
+    fmt = opts.pop("format", None)
+    out = suite.report_path()
+    out.mkdir(parents=True, exist_ok=True)
+    table = store.load(suite.results_dir())
+    board = build_leaderboard(table, **{k: v for k, v in opts.items() if v})
+    (out / "leaderboard.md").write_text(board.to_markdown())
+    (out / "leaderboard.csv").write_text(board.to_csv())
+    say(f"== leaderboard ({out / 'leaderboard.md'})")
+    print(board.to_markdown() if fmt in (None, "markdown") else getattr(board, f"to_{fmt}")())
+    if "per-block" in plots and suite.probe and suite.probe.get("per_block"):
+        from vtbench.report.plots import plot_per_block
+
+        for dataset in suite.datasets:
+            from vtbench.data import canonical_spec
+
+            png = out / f"per_block_{canonical_spec(dataset).replace(':', '_').replace('/', '_')}.png"
+            plot_per_block(table, canonical_spec(dataset), png, protocol=(suite.probe.get("protocol") or ["default"])[0])
+            say(f"   plot: {png}")
+    if "bars" in plots:
+        from vtbench.report.plots import plot_bars
+
+        png = out / "bars.png"
+        plot_bars(table, png)
+        say(f"   plot: {png}")
+    return out
