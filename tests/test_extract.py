@@ -18,22 +18,11 @@ from PIL import Image
 from vtbench.errors import VTError
 from vtbench.extract import extract, open_cache
 from vtbench.extract.cache import list_caches, partial_path, verify_cache
+from tests.helpers import make_imagefolder
 
 VIT = "vit_small_patch16_224"
 VIT_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 VT = str(Path(sys.executable).with_name("vt"))
-
-
-def make_imagefolder(root: Path, classes=3, per_class=5, splits=("train", "test"), size=(40, 30), seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    for split in splits:
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = (rng.random((size[1], size[0], 3)) * 255 * (c + 1) / classes).astype(np.uint8)
-                Image.fromarray(pixels).save(d / f"img{i:03d}.png")
-    return root
 
 
 @pytest.fixture

