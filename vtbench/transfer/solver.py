@@ -6,33 +6,32 @@ The objective of problem ``(p, g)`` is::
 
     mean over valid samples i of  cross_entropy(x_i W + b, y_i)  +  l2[p, g] / 2 * ||W||^2
 
-with the bias unpenalised. This is exactly scikit-learn's ``LogisticRegression``
-(lbfgs, multinomial) objective divided by ``n``: ``C`` there corresponds to
+with the bias unpenalised. This is scikit-learn's ``LogisticRegression``
+(lbfgs, multinomial) objective divided by ``n``: its ``C`` corresponds to
 ``l2 = 1 / (C * n)``.
 
-How it works (all steps exact reparametrisations, so the optimum is unchanged):
+How it works:
 
-1. Centre the features (the bias absorbs the mean) and rotate them into the
-   eigenbasis of their covariance (or of the Gram matrix when ``n < d``, which
-   also reduces the problem to the at most ``n`` directions the optimum can use:
-   an L2-regularised solution lies in the span of the samples). A rotation
-   preserves ``||W||``, so the penalty is unchanged; directions with zero
-   variance (e.g. zero padding) are dropped, their optimal weight is 0.
-2. Run a batched L-BFGS in that basis. Every problem keeps its own history,
-   step size and Armijo backtracking line search, and stops on its own; the
-   initial inverse Hessian of each iteration is the diagonal
-   ``1 / (lambda_j * a_c + l2)``: feature variance ``lambda_j`` times the current
-   mean softmax curvature ``a_c = mean_i p_ic (1 - p_ic)`` of class ``c``, plus the
-   penalty. In the eigenbasis this diagonal is a good Hessian model, which is
-   what makes weakly regularised problems converge in tens of iterations.
+1. Exact reparametrisations first. Features are centred (the bias absorbs the
+   mean), which decouples the bias from the weights and conditions the problem
+   much better. When ``n < d`` the features are also rotated onto the span of
+   the samples (``X_c^T = Q R``, so ``X_c = R^T Q^T``): an L2-regularised
+   optimum lies in that span and the rotation preserves ``||W||``, so each
+   problem shrinks from ``d`` to ``n`` dimensions with the same solution.
+2. A batched L-BFGS (history 10, compact representation, initial inverse
+   Hessian ``gamma * I`` with ``gamma = s'y / y'y`` from the newest pair). Every
+   problem keeps its own history, its own step size and its own Armijo
+   backtracking line search (quadratic interpolation), and stops on its own.
 3. One function evaluation serves every unfinished problem: for each feature
-   matrix ``p``, the weights of its unfinished grid values are stacked along the
+   matrix ``p`` the weights of its unfinished grid values are stacked along the
    class axis, so the logits and the gradient are one ``(n x d) @ (d x G*C)``
    matmul each. Finished problems drop out of the batch.
 
-Convergence: ``||grad||_2 <= tol * ||grad at W=0, b=0||_2`` (a relative gradient
-norm, invariant to the feature scale). ``converged`` says whether a problem got
-there within ``max_iter`` L-BFGS iterations.
+Convergence (as in LIBLINEAR): ``||grad||_2 <= tol * ||grad at W=0, b=0||_2``,
+a relative gradient norm that does not depend on the feature scale or on the
+number of classes. ``converged`` says whether a problem got there within
+``max_iter`` iterations. Everything is deterministic for a given input, device
+and thread count.
 """
 
 from __future__ import annotations
@@ -43,26 +42,24 @@ import torch
 
 # Problems whose logits tensor would exceed this many elements are evaluated in chunks.
 _MAX_LOGITS = 1 << 25
-# Directions whose variance is below this fraction of the largest are dropped (exactly
-# zero directions, e.g. zero padding, measure ~1e-16 in float64).
-_RANK_RTOL = 1e-10
 _ARMIJO_C1 = 1e-4
+_MIN_STEP = 1e-10
 
 
 @dataclass
 class LogRegFit:
-    """Solutions of ``fit_logreg``: one ``(W, b)`` per problem ``(p, g)``, plus how the solver fared."""
+    """Solutions of :func:`fit_logreg`: one ``(W, b)`` per problem ``(p, g)``, plus how the solver fared."""
 
     W: torch.Tensor  # (P, G, d, C)
     b: torch.Tensor  # (P, G, C)
     iterations: torch.Tensor  # (P, G) int64: L-BFGS iterations (accepted steps)
-    converged: torch.Tensor  # (P, G) bool: relative gradient norm reached tol
+    converged: torch.Tensor  # (P, G) bool: the relative gradient norm reached tol
     loss: torch.Tensor  # (P, G) float64: final objective
     grad_norm: torch.Tensor  # (P, G): final ||grad|| / ||grad at zero||
-    class_mask: torch.Tensor | None = None  # (P, C) bool, classes that can be predicted
+    class_mask: torch.Tensor | None = None  # (P, C) bool: the classes each problem can predict
 
     def predict_logits(self, X: torch.Tensor) -> torch.Tensor:
-        """Logits ``(P, G, m, C)`` of features ``X`` ``(P, m, d)`` under every solution."""
+        """Logits ``(P, G, m, C)`` of features ``X`` ``(P, m, d)`` under every solution (absent classes: -inf)."""
         P, G, d, C = self.W.shape
         W = self.W.to(X.device)
         logits = X.to(W.dtype) @ W.permute(0, 2, 1, 3).reshape(P, d, G * C)
@@ -74,130 +71,140 @@ class LogRegFit:
 
 @dataclass
 class _Basis:
-    """Centred, rotated features with a trailing bias column: ``Z = [(X - mu) U, 1]``."""
+    """Centred (and for ``n < d`` rotated) features with a trailing bias column: ``Z = [(X - mu) U, 1]``."""
 
-    Z: torch.Tensor  # (P, n, r + 1), padding rows zero
-    U: torch.Tensor  # (P, d, r), orthonormal columns (zero columns where a problem has rank < r)
+    Z: torch.Tensor  # (P, n, r + 1); padding rows are zero
     mu: torch.Tensor  # (P, d)
-    variance: torch.Tensor  # (P, r + 1): per-direction variance, 1 for the bias column
+    U: torch.Tensor | None  # (P, d, r) orthonormal columns, or None for the identity (r = d)
 
 
 def _basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Tensor) -> _Basis:
     P, n, d = X.shape
-    w = sample_mask.to(X.dtype)
-    mu = (X * w[..., None]).sum(1) / n_valid[:, None]
-    Xc = (X - mu[:, None, :]) * w[..., None]
-    Xc64 = Xc.double()
+    weight = sample_mask.to(X.dtype)[..., None]
+    mu = (X * weight).sum(1) / n_valid[:, None]
+    Xc = (X - mu[:, None, :]) * weight
+    U = None
     if n < d:
-        # Gram route: X_c = V diag(sqrt(s)) U^T with U = X_c^T V / sqrt(s).
-        s, V = torch.linalg.eigh(Xc64 @ Xc64.transpose(1, 2))
-    else:
-        s, V = torch.linalg.eigh(Xc64.transpose(1, 2) @ Xc64)
-    s, V = s.flip(-1), V.flip(-1)  # descending
-    keep = s > _RANK_RTOL * s[:, :1].clamp_min(1e-300)
-    r = max(1, int(keep.sum(1).max()))
-    s, V, keep = s[:, :r].clamp_min(0) * keep[:, :r], V[:, :, :r] * keep[:, None, :r], keep[:, :r]
-    if n < d:
-        inv_sqrt = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-        U = (Xc64.transpose(1, 2) @ V) * inv_sqrt[:, None, :]
-        Zr = V * s.sqrt()[:, None, :]
-    else:
-        U = V
-        Zr = Xc64 @ U
-    Z = torch.cat([Zr.to(X.dtype), w[..., None]], dim=2)
-    variance = torch.cat([(s / n_valid.double()[:, None]).to(X.dtype), torch.ones(P, 1, dtype=X.dtype, device=X.device)], 1)
-    return _Basis(Z=Z.contiguous(), U=U.to(X.dtype), mu=mu, variance=variance)
+        Q, R = torch.linalg.qr(Xc.transpose(1, 2))  # Xc^T = Q R: Q (d, n) orthonormal, Xc = R^T Q^T
+        U, Xc = Q, R.transpose(1, 2)
+    Z = torch.cat([Xc, weight], dim=2).contiguous()
+    return _Basis(Z=Z, mu=mu, U=U)
 
 
-class _Problems:
-    """The batched objective: value, gradient and softmax curvature for any subset of problems."""
+class _Objective:
+    """Value and gradient of the batched objective for any subset of the ``P * G`` problems."""
 
-    def __init__(self, basis, y, sample_mask, class_mask, n_valid, l2, G):
-        self.Z, self.y, self.G = basis.Z, y, G
-        self.row_weight = sample_mask.to(basis.Z.dtype) / n_valid[:, None]  # (P, n)
+    def __init__(self, Z, y, sample_mask, class_mask, n_valid, l2, G):
+        self.Z, self.y, self.G = Z, y, G
         self.sample_mask, self.class_mask = sample_mask, class_mask
+        self.row_weight = sample_mask.to(Z.dtype) / n_valid[:, None]  # (P, n)
         self.l2 = l2.reshape(-1)  # (P*G,)
-        r1 = basis.Z.shape[2]
-        self.penalised = torch.ones(r1, 1, dtype=basis.Z.dtype, device=basis.Z.device)
+        self.penalised = torch.ones(Z.shape[2], 1, dtype=Z.dtype, device=Z.device)
         self.penalised[-1] = 0  # the bias row
 
-    def penalty(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.l2[idx][:, None, None] * self.penalised * w
-
-    def evaluate(self, idx: torch.Tensor, w: torch.Tensor):
-        """``(loss (K,) float64, grad (K, r+1, C), curvature (K, C))`` for problems ``idx`` (sorted) at ``w``."""
+    def __call__(self, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss (K,) float64, grad (K, r+1, C))`` of problems ``idx`` (ascending) at weights ``w``."""
         K, r1, C = w.shape
+        n = self.Z.shape[1]
         p_of = torch.div(idx, self.G, rounding_mode="floor")
         ps, counts = torch.unique_consecutive(p_of, return_counts=True)
         group = torch.repeat_interleave(torch.arange(len(ps), device=idx.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(K, device=idx.device) - starts[group]
+        slot = torch.arange(K, device=idx.device) - (torch.cumsum(counts, 0) - counts)[group]
         A = int(counts.max())
-        n = self.Z.shape[1]
         chunk = max(1, _MAX_LOGITS // max(1, n * A * C))
         nll = torch.empty(K, dtype=torch.float64, device=w.device)
         grad = torch.empty_like(w)
-        curvature = torch.empty(K, C, dtype=w.dtype, device=w.device)
         for lo in range(0, len(ps), chunk):
-            sel = slice(lo, lo + chunk)
-            pc = ps[sel]
-            members = (group >= lo) & (group < lo + len(pc))
-            g_loc, r_loc = group[members] - lo, rank[members]
-            Wpad = w.new_zeros(len(pc), A, r1, C)
-            Wpad[g_loc, r_loc] = w[members]
-            Zc = self.Z[pc]
-            logits = (Zc @ Wpad.permute(0, 2, 1, 3).reshape(len(pc), r1, A * C)).reshape(len(pc), n, A, C)
+            pc = ps[lo : lo + chunk]
+            members = torch.nonzero((group >= lo) & (group < lo + len(pc))).squeeze(1)
+            g_loc, s_loc = group[members] - lo, slot[members]
+            # Stack the unfinished grid values of each feature matrix along the class axis.
+            W = w.new_zeros(len(pc), A, r1, C)
+            W[g_loc, s_loc] = w[members]
+            Z = self.Z[pc]
+            logits = (Z @ W.permute(0, 2, 1, 3).reshape(len(pc), r1, A * C)).reshape(len(pc), n, A, C)
             logits.masked_fill_(~self.class_mask[pc][:, None, None, :], float("-inf"))
             logp = torch.log_softmax(logits, dim=-1)
             del logits
-            yc = self.y[pc][:, :, None, None].expand(-1, -1, A, 1)
-            picked = logp.gather(-1, yc).squeeze(-1)  # (p, n, A)
-            valid = self.sample_mask[pc][:, :, None]
+            target = self.y[pc][:, :, None, None].expand(-1, -1, A, 1)
+            picked = logp.gather(-1, target).squeeze(-1)  # (p, n, A)
             weight = self.row_weight[pc][:, :, None]
-            nll_pa = -(torch.where(valid, picked, 0.0).double() * weight.double()).sum(1)  # (p, A)
-            prob = logp.exp_()
-            curv = (prob * (1 - prob) * weight[..., None]).sum(1)  # (p, A, C)
-            prob.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=prob.dtype))
-            prob.mul_(weight[..., None])
-            gpad = (Zc.transpose(1, 2) @ prob.reshape(len(pc), n, A * C)).reshape(len(pc), r1, A, C)
-            grad[members] = gpad.permute(0, 2, 1, 3)[g_loc, r_loc]
-            nll[members] = nll_pa[g_loc, r_loc]
-            curvature[members] = curv[g_loc, r_loc]
-        grad += self.penalty(idx, w)
-        loss = nll + 0.5 * self.l2[idx].double() * (self.penalised * w).double().pow(2).sum((1, 2))
-        return loss, grad, curvature
+            valid = self.sample_mask[pc][:, :, None]
+            nll_chunk = -(torch.where(valid, picked, 0.0).double() * weight.double()).sum(1)  # (p, A)
+            dlogits = logp.exp_()
+            dlogits.scatter_add_(-1, target, torch.full_like(target, -1, dtype=dlogits.dtype))
+            dlogits.mul_(weight[..., None])
+            gW = (Z.transpose(1, 2) @ dlogits.reshape(len(pc), n, A * C)).reshape(len(pc), r1, A, C)
+            grad[members] = gW.permute(0, 2, 1, 3)[g_loc, s_loc]
+            nll[members] = nll_chunk[g_loc, s_loc]
+        l2 = self.l2[idx][:, None, None]
+        penalised_w = self.penalised * w
+        grad += l2 * penalised_w
+        loss = nll + 0.5 * (l2 * penalised_w.square()).double().sum((1, 2))
+        return loss, grad
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum((1, 2))
+class _History:
+    """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``) and the compact-form product ``H g``."""
 
+    def __init__(self, K: int, D: int, m: int, like: torch.Tensor):
+        self.m = m
+        self.S = like.new_zeros(K, m, D)
+        self.Y = like.new_zeros(K, m, D)
+        self.count = torch.zeros(K, dtype=torch.long, device=like.device)
+        self.newest = torch.full((K,), m - 1, dtype=torch.long, device=like.device)
 
-_PRECOND = "curvature"
-_GAMMA = False
+    def push(self, mask: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Append the pair ``(s, y)`` of every row where ``mask`` is set."""
+        rows = mask.nonzero().squeeze(1)
+        slot = (self.newest[rows] + 1) % self.m
+        self.S[rows, slot] = s[rows]
+        self.Y[rows, slot] = y[rows]
+        self.newest[rows] = slot
+        self.count[rows] = (self.count[rows] + 1).clamp_max(self.m)
 
+    def reset(self, mask: torch.Tensor) -> None:
+        rows = mask.nonzero().squeeze(1)
+        self.S[rows] = 0
+        self.Y[rows] = 0
+        self.count[rows] = 0
+        self.newest[rows] = self.m - 1
 
-def _two_loop(g, S, Yh, rho, count, newest, H0):
-    """L-BFGS direction ``-H g`` per problem, from each problem's own ring-buffered history."""
-    m = S.shape[1]
-    rows = torch.arange(len(g), device=g.device)
-    q = g.clone()
-    alphas = []
-    for i in range(m):
-        slot = (newest - i) % m
-        valid = (i < count).to(g.dtype)
-        alpha = rho[rows, slot] * _dot(S[rows, slot], q) * valid
-        q -= alpha[:, None, None] * Yh[rows, slot]
-        alphas.append((slot, valid, alpha))
-    if _GAMMA:
-        last = newest % m
-        yv = Yh[rows, last]
-        gam = torch.where(count > 0, 1.0 / (rho[rows, last] * _dot(yv, H0 * yv)).clamp_min(1e-30), torch.ones_like(rho[:, 0]))
-        H0 = H0 * gam[:, None, None]
-    r = H0 * q
-    for slot, valid, alpha in reversed(alphas):
-        beta = rho[rows, slot] * _dot(Yh[rows, slot], r) * valid
-        r += (alpha - beta)[:, None, None] * S[rows, slot]
-    return -r
+    def keep(self, rows: torch.Tensor) -> None:
+        self.S, self.Y, self.count, self.newest = self.S[rows], self.Y[rows], self.count[rows], self.newest[rows]
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """``-H g`` for every row (Byrd, Nocedal & Schnabel 1994, with ``H0 = gamma I``, ``gamma = s'y / y'y``)."""
+        m, K = self.m, len(g)
+        S, Y, count = self.S, self.Y, self.count
+        SY = (S @ Y.transpose(1, 2)).double()  # (K, m, m): s_i' y_j
+        YY = (Y @ Y.transpose(1, 2)).double()
+        Sg = (S @ g[:, :, None]).double()  # (K, m, 1)
+        Yg = (Y @ g[:, :, None]).double()
+        # Chronological order of the ring slots (oldest first); unused slots come last.
+        ages = torch.arange(m, device=g.device)
+        order = torch.where((count == m)[:, None], (self.newest[:, None] + 1 + ages) % m, ages.expand(K, m))
+        valid = ages[None] < count[:, None]
+        rows = torch.arange(K, device=g.device)[:, None]
+        SY = SY[rows[..., None], order[:, :, None], order[:, None, :]]
+        YY = YY[rows[..., None], order[:, :, None], order[:, None, :]]
+        Sg, Yg = Sg[rows, order], Yg[rows, order]
+        pair = valid[:, :, None] & valid[:, None, :]
+        SY, YY = SY * pair, YY * pair
+        last = (count - 1).clamp_min(0)
+        sy_last, yy_last = SY[rows[:, 0], last, last], YY[rows[:, 0], last, last]
+        gamma = torch.where(count > 0, sy_last / yy_last.clamp_min(1e-300), torch.ones_like(sy_last))[:, None, None]
+        R = torch.triu(SY) + torch.diag_embed((~valid).double())  # unused slots: identity rows
+        diag = torch.diagonal(SY, dim1=1, dim2=2)[..., None]
+        q = torch.linalg.solve_triangular(R, Sg, upper=True)  # R^-1 S'g
+        u = torch.linalg.solve_triangular(R.transpose(1, 2), diag * q + gamma * (YY @ q) - gamma * Yg, upper=False)
+        # Back to ring order, then H g = gamma g + S'u - gamma Y'q.
+        u_ring = torch.zeros_like(u).scatter_(1, order[..., None], u * valid[..., None])
+        q_ring = torch.zeros_like(q).scatter_(1, order[..., None], q * valid[..., None])
+        gamma32 = gamma.to(g.dtype)[:, :, 0]
+        Hg = gamma32 * g + (S.transpose(1, 2) @ u_ring.to(g.dtype)).squeeze(2) \
+            - gamma32 * (Y.transpose(1, 2) @ q_ring.to(g.dtype)).squeeze(2)
+        return -Hg
 
 
 def fit_logreg(
@@ -215,11 +222,11 @@ def fit_logreg(
     """Solve ``P x G`` L2-regularised multinomial logistic regressions at once (see the module doc).
 
     X: ``(P, n, d)`` features (zero-padded); y: ``(P, n)`` labels in ``[0, C)``;
-    l2: ``(P, G)`` L2 strengths (> 0; sklearn's ``C`` is ``1 / (C * n)``);
+    l2: ``(P, G)`` L2 strengths (> 0; sklearn's ``C`` is ``1 / (l2 * n)``);
     sample_mask: ``(P, n)`` bool, False marks padding rows; class_mask: ``(P, C)``
     bool, False marks classes a problem does not have (their logit is -inf);
-    init: a previous fit or ``(W, b)`` to warm-start from. Runs on ``X.device``;
-    deterministic for a given input and device.
+    tol: relative gradient norm to stop at; init: a previous fit or ``(W, b)``
+    to start from. Runs on ``X.device`` in float32.
     """
     if X.dim() != 3:
         raise ValueError(f"X must be (P, n, d), got {tuple(X.shape)}")
@@ -230,7 +237,7 @@ def fit_logreg(
     l2 = torch.as_tensor(l2, dtype=torch.float32, device=device)
     if l2.dim() == 1:
         l2 = l2[None].expand(P, -1)
-    if l2.shape[0] != P or not bool((l2 > 0).all()):
+    if l2.dim() != 2 or l2.shape[0] != P or not bool((l2 > 0).all()):
         raise ValueError("l2 must be (P, G) and strictly positive")
     G = l2.shape[1]
     sample_mask = torch.ones(P, n, dtype=torch.bool, device=device) if sample_mask is None else sample_mask.to(device).bool()
@@ -248,125 +255,127 @@ def fit_logreg(
         raise ValueError("every problem needs at least one valid sample")
 
     basis = _basis(X, sample_mask, n_valid)
-    problems = _Problems(basis, y, sample_mask, class_mask, n_valid, l2, G)
+    objective = _Objective(basis.Z, y, sample_mask, class_mask, n_valid, l2, G)
     r1 = basis.Z.shape[2]
-    K = P * G
+    K, D = P * G, basis.Z.shape[2] * C
     every = torch.arange(K, device=device)
-    variance = basis.variance.repeat_interleave(G, 0)[:, :, None]  # (K, r+1, 1)
-    l2k = problems.penalised * l2.reshape(-1)[:, None, None]
-    cmask = class_mask.repeat_interleave(G, 0)[:, None, :].to(X.dtype)
 
     w = X.new_zeros(K, r1, C)
-    f, g, curv = problems.evaluate(every, w)
-    scale = g.norm(dim=(1, 2)).clamp_min(torch.finfo(X.dtype).tiny)  # gradient norm at W=0, b=0
+    f, g = objective(every, w)
+    scale = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(X.dtype).tiny)  # gradient norm at W=0, b=0
     if init is not None:
-        w = _to_basis(init, basis, P, G, C).reshape(K, r1, C) * cmask
-        f, g, curv = problems.evaluate(every, w)
+        w = _to_basis(init, basis, P, G, C).reshape(K, r1, C) * class_mask.repeat_interleave(G, 0)[:, None, :]
+        f, g = objective(every, w)
+    w, g = w.reshape(K, D), g.reshape(K, D)
 
-    def inverse_hessian_diag(idx):
-        if _PRECOND == "curvature":
-            return cmask[idx] / (variance[idx] * curv[idx][:, None, :] + l2k[idx]).clamp_min(1e-12)
-        if _PRECOND == "bohning":
-            return cmask[idx] / (variance[idx] * 0.5 + l2k[idx]).clamp_min(1e-12)
-        if _PRECOND == "invC":
-            return cmask[idx] / (variance[idx] / C + l2k[idx]).clamp_min(1e-12)
-        return cmask[idx] * torch.ones_like(variance[idx])
-
-    m = history
-    S = X.new_zeros(K, m, r1, C)
-    Yh = X.new_zeros(K, m, r1, C)
-    rho = X.new_zeros(K, m)
-    count = torch.zeros(K, dtype=torch.long, device=device)
-    newest = torch.full((K,), -1, dtype=torch.long, device=device)
+    # Final values of every problem; the loop works on the unfinished ones only (compacted as problems finish).
     iterations = torch.zeros(K, dtype=torch.long, device=device)
-    gnorm = g.norm(dim=(1, 2)) / scale
+    gnorm = g.norm(dim=1) / scale
     converged = gnorm <= tol
-    direction = -inverse_hessian_diag(every) * g
-    gtd = _dot(g, direction)
-    step = torch.ones(K, dtype=X.dtype, device=device)
-    active = ~converged & (iterations < max_iter)
-    eps_f = 4 * torch.finfo(X.dtype).eps
+    w_out, f_out = w.clone(), f.clone()
+    run = torch.nonzero(~converged & (max_iter > 0)).squeeze(1)
+    w, f, g, scale = w[run], f[run], g[run], scale[run]
+    memory = _History(len(run), D, history, w)
+    its = iterations[run]
+    # First step: steepest descent, moving by at most 1.
+    direction = -g / g.norm(dim=1, keepdim=True).clamp_min(1.0)
+    step = torch.ones(len(run), dtype=X.dtype, device=device)
+    slack = 4 * torch.finfo(X.dtype).eps  # Armijo tolerance for float32 rounding (Hager & Zhang's approximate Wolfe)
 
-    max_evals = 4 * max_iter + 20
-    for _ in range(max_evals):
-        idx = active.nonzero().squeeze(1)
-        if len(idx) == 0:
+    for _ in range(4 * max_iter + 20):
+        if len(run) == 0:
             break
-        t = step[idx]
-        trial = w[idx] + t[:, None, None] * direction[idx]
-        f_try, g_try, curv_try = problems.evaluate(idx, trial)
-        f_old = f[idx]
-        ok = f_try <= f_old + _ARMIJO_C1 * t.double() * gtd[idx].double() + eps_f * f_old.abs()
-        ok &= torch.isfinite(f_try)
+        gtd = (g * direction).sum(1)
+        trial = w + step[:, None] * direction
+        f_try, g_try = objective(run, trial.view(-1, r1, C))
+        g_try = g_try.view(len(run), D)
+        ok = torch.isfinite(f_try) & (f_try <= f + _ARMIJO_C1 * step.double() * gtd.double() + slack * f.abs())
 
-        acc = idx[ok]
-        if len(acc):
-            s_vec = trial[ok] - w[acc]
-            y_vec = g_try[ok] - g[acc]
-            sy = _dot(s_vec, y_vec)
-            store = sy > 1e-10 * _dot(y_vec, y_vec).clamp_min(1e-30)
-            slot = (newest[acc] + 1) % m
-            st, sl = acc[store], slot[store]
-            S[st, sl], Yh[st, sl], rho[st, sl] = s_vec[store], y_vec[store], 1.0 / sy[store]
-            newest[st] = sl
-            count[st] = (count[st] + 1).clamp_max(m)
-            w[acc], f[acc], g[acc], curv[acc] = trial[ok], f_try[ok], g_try[ok], curv_try[ok]
-            iterations[acc] += 1
-            gnorm[acc] = g[acc].norm(dim=(1, 2)) / scale[acc]
-            converged[acc] = gnorm[acc] <= tol
-            go = acc[~converged[acc] & (iterations[acc] < max_iter)]
-            if len(go):
-                direction[go] = _two_loop(g[go], S[go], Yh[go], rho[go], count[go], newest[go], inverse_hessian_diag(go))
-                gtd[go] = _dot(g[go], direction[go])
-                step[go] = 1.0
-                bad = go[gtd[go] >= 0]
-                if len(bad):  # not a descent direction (numerical trouble): restart from the preconditioned gradient
-                    count[bad] = 0
-                    direction[bad] = -inverse_hessian_diag(bad) * g[bad]
-                    gtd[bad] = _dot(g[bad], direction[bad])
-            active[acc[converged[acc] | (iterations[acc] >= max_iter)]] = False
+        # Accepted steps: update the memory and the iterate, then the next direction.
+        s_vec, y_vec = trial - w, g_try - g
+        memory.push(ok & ((s_vec * y_vec).sum(1) > 1e-10 * y_vec.square().sum(1)), s_vec, y_vec)
+        w = torch.where(ok[:, None], trial, w)
+        f = torch.where(ok, f_try, f)
+        g = torch.where(ok[:, None], g_try, g)
+        its = its + ok.long()
+        rel = g.norm(dim=1) / scale
+        new_direction = memory.direction(g)
+        uphill = ok & ((g * new_direction).sum(1) >= 0)  # numerical trouble: forget the history
+        memory.reset(uphill)
+        new_direction = torch.where(uphill[:, None], -g, new_direction)
+        direction = torch.where(ok[:, None], new_direction, direction)
 
-        rej = idx[~ok]
-        if len(rej):
-            t_rej = t[~ok].double()
-            gd = gtd[rej].double()
-            denom = 2 * (f_try[~ok] - f[rej] - gd * t_rej)
-            t_quad = torch.where(torch.isfinite(denom) & (denom > 0), -gd * t_rej**2 / denom, 0.1 * t_rej)
-            t_new = torch.minimum(torch.maximum(t_quad, 0.1 * t_rej), 0.5 * t_rej).to(X.dtype)
-            step[rej] = t_new
-            tiny = rej[t_new < 1e-10]
-            if len(tiny):
-                # The line search failed: drop the history once; if that already happened, give up.
-                fresh = tiny[count[tiny] > 0]
-                stuck = tiny[count[tiny] == 0]
-                count[fresh] = 0
-                direction[fresh] = -inverse_hessian_diag(fresh) * g[fresh]
-                gtd[fresh] = _dot(g[fresh], direction[fresh])
-                step[fresh] = 1.0
-                active[stuck] = False
+        # Rejected steps: backtrack (quadratic interpolation, kept within [0.1, 0.5] of the step).
+        t = step.double()
+        curve = 2 * (f_try - f - gtd.double() * t)
+        t_quad = torch.where(torch.isfinite(curve) & (curve > 0), -gtd.double() * t**2 / curve, 0.1 * t)
+        step = torch.where(ok, torch.ones_like(step), torch.minimum(torch.maximum(t_quad, 0.1 * t), 0.5 * t).to(X.dtype))
+        failed = step < _MIN_STEP
+        # A failed line search is retried once from a gradient step; a second failure ends the problem.
+        give_up = failed & (memory.count == 0)
+        retry = failed & ~give_up
+        memory.reset(retry)
+        direction = torch.where(retry[:, None], -g / g.norm(dim=1, keepdim=True).clamp_min(1.0), direction)
+        step = torch.where(retry, torch.ones_like(step), step)
 
-    W_rot = w.reshape(P, G, r1, C)
-    W = basis.U[:, None] @ W_rot[:, :, :-1]  # (P, G, d, C)
-    b = W_rot[:, :, -1] - (basis.mu[:, None, None, :] @ W).squeeze(2)
-    b = b * class_mask[:, None, :]
+        done = (rel <= tol) | (its >= max_iter) | give_up
+        if bool(done.any()):
+            fin = run[done]
+            w_out[fin], f_out[fin], iterations[fin] = w[done], f[done], its[done]
+            gnorm[fin], converged[fin] = rel[done], rel[done] <= tol
+            keep = torch.nonzero(~done).squeeze(1)
+            run, w, f, g, scale, its, direction, step = (
+                t_[keep] for t_ in (run, w, f, g, scale, its, direction, step))
+            memory.keep(keep)
+    if len(run):  # ran out of evaluations
+        w_out[run], f_out[run], iterations[run], gnorm[run] = w, f, its, g.norm(dim=1) / scale
+    w, f = w_out, f_out
+
+    W_basis = w.view(P, G, r1, C)
+    W = W_basis[:, :, :-1] if basis.U is None else basis.U[:, None] @ W_basis[:, :, :-1]  # (P, G, d, C)
+    b = (W_basis[:, :, -1] - (basis.mu[:, None, None, :] @ W).squeeze(2)) * class_mask[:, None, :]
     return LogRegFit(
-        W=W,
+        W=W.contiguous(),
         b=b,
-        iterations=iterations.reshape(P, G),
-        converged=converged.reshape(P, G),
-        loss=f.reshape(P, G),
-        grad_norm=gnorm.reshape(P, G),
+        iterations=iterations.view(P, G),
+        converged=converged.view(P, G),
+        loss=f.view(P, G),
+        grad_norm=gnorm.view(P, G),
         class_mask=class_mask,
     )
 
 
 def _to_basis(init, basis: _Basis, P: int, G: int, C: int) -> torch.Tensor:
-    """A warm start ``(W, b)`` in original coordinates, expressed in the rotated basis."""
+    """A warm start ``(W, b)`` in original coordinates, expressed in the solver's basis ``(P, G, r+1, C)``."""
     W, b = (init.W, init.b) if isinstance(init, LogRegFit) else init
-    W = W.to(basis.U.device, basis.U.dtype)
-    b = b.to(basis.U.device, basis.U.dtype)
-    if W.shape[:2] != (P, G) or W.shape[-1] != C:
-        raise ValueError(f"init W must be {(P, G, basis.U.shape[1], C)}, got {tuple(W.shape)}")
-    W_rot = basis.U.transpose(1, 2)[:, None] @ W  # (P, G, r, C)
-    b_rot = b + (basis.mu[:, None, None, :] @ W).squeeze(2)
-    return torch.cat([W_rot, b_rot[:, :, None, :]], dim=2)
+    W = W.to(basis.Z.device, basis.Z.dtype)
+    b = b.to(basis.Z.device, basis.Z.dtype)
+    d = basis.mu.shape[1]
+    if tuple(W.shape) != (P, G, d, C) or tuple(b.shape) != (P, G, C):
+        raise ValueError(f"init must be W {(P, G, d, C)} and b {(P, G, C)}, got {tuple(W.shape)} and {tuple(b.shape)}")
+    b_centred = b + (basis.mu[:, None, None, :] @ W).squeeze(2)
+    W_basis = W if basis.U is None else basis.U.transpose(1, 2)[:, None] @ W
+    return torch.cat([W_basis, b_centred[:, :, None, :]], dim=2)
+
+
+def logreg_objective(X, y, l2, W, b, class_mask=None) -> tuple[float, float]:
+    """Objective and relative gradient norm (the solver's criterion) of one solution, in float64.
+
+    ``X (n, d)``, ``y (n,)``, ``W (d, C)``, ``b (C,)``: for checking any solver's
+    output (e.g. scikit-learn's) against the same standard.
+    """
+    X, W, b = (torch.as_tensor(a).double() for a in (X, W, b))
+    y = torch.as_tensor(y).long()
+    C = W.shape[1]
+    mask = torch.ones(C, dtype=torch.bool) if class_mask is None else torch.as_tensor(class_mask).bool()
+    onehot = torch.nn.functional.one_hot(y, C).double()
+
+    def value_and_grad(W, b):
+        logp = torch.log_softmax((X @ W + b).masked_fill(~mask, float("-inf")), dim=1)
+        dlogits = (logp.exp() - onehot) / len(y)
+        loss = -logp.gather(1, y[:, None]).mean() + l2 / 2 * W.square().sum()
+        return float(loss), torch.cat([(X.T @ dlogits + l2 * W).flatten(), dlogits.sum(0)])
+
+    loss, grad = value_and_grad(W, b)
+    _, grad0 = value_and_grad(torch.zeros_like(W), torch.zeros_like(b))
+    return loss, float(grad.norm() / grad0.norm())

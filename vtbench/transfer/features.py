@@ -1,0 +1,131 @@
+"""Cached features for probes: find and open the caches a protocol needs, read token specs, hold out a validation split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vtbench.errors import VTError
+from vtbench.tokens import TokenSpec
+
+VAL_FRACTION = 0.2
+
+
+@dataclass
+class Split:
+    """One evaluation split: the rows of one or more caches, and token features read from them on demand."""
+
+    names: list[str]  # dataset split names, e.g. ["train", "val"]
+    caches: list  # FeatureCache per name
+    rows: np.ndarray | None = None  # a subset of the concatenated rows (a held-out part), or all
+    description: str | list[str] = ""  # what the record calls this split
+    _blocks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def labels(self) -> np.ndarray:
+        labels = np.concatenate([c.labels for c in self.caches])
+        return labels if self.rows is None else labels[self.rows]
+
+    def block(self, kind: str, block: int) -> np.ndarray:
+        """One (kind, block) over the split's rows, read once and kept (specs share blocks)."""
+        key = (kind, block)
+        if key not in self._blocks:
+            parts = [c.block(kind, block) for c in self.caches]
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self._blocks[key] = arr if self.rows is None else arr[self.rows]
+        return self._blocks[key]
+
+    def features(self, spec: TokenSpec) -> np.ndarray:
+        """The spec's blocks concatenated in spec order, ``(N, D)`` float32."""
+        pairs = spec.resolve(self.caches[0].kinds)
+        parts = [self.block(kind, block) for kind, block in pairs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def subset(self, rows: np.ndarray, description: str) -> "Split":
+        """The given rows of this split as a split of its own (sharing nothing that was read)."""
+        base = np.arange(sum(len(c) for c in self.caches)) if self.rows is None else self.rows
+        return Split(self.names, self.caches, base[rows], description)
+
+    def cache_refs(self) -> list[dict]:
+        return [{"key": c.key, "path": str(c.path), "split": name} for name, c in zip(self.names, self.caches)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def stratified_holdout(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of row indices into (train, val): ``round(fraction * n_c)`` (at least 1) per class."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if (counts < 2).any():
+        few = classes[counts < 2]
+        raise VTError(
+            f"{len(few)} classes have fewer than 2 training examples (e.g. class {int(few[0])}), too few to hold out "
+            f"a {fraction:.0%} validation split; use a dataset with an official validation split or more examples"
+        )
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls, count in zip(classes, counts):
+        members = np.flatnonzero(labels == cls)
+        take = min(count - 1, max(1, int(round(fraction * count))))
+        val.append(rng.permutation(members)[:take])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+class CacheSet:
+    """The caches of one (model, dataset) evaluation, opened once per split and checked for compatibility."""
+
+    def __init__(self, model: str, dataset: str, *, cache_dir=None, weights=None, transform=None, norm=None):
+        self.model, self.dataset = model, dataset
+        self.filters = dict(weights=weights, transform=transform, norm=norm)
+        self.cache_dir = cache_dir
+        self._open: dict[str, object] = {}
+
+    def get(self, split: str):
+        """The cache of one split (VTError naming the ``vt extract`` command when missing)."""
+        from vtbench.extract.cache import find_cache, open_cache
+
+        if split not in self._open:
+            path = find_cache(self.model, self.dataset, split, self.cache_dir, **self.filters)
+            self._open[split] = open_cache(path)
+        return self._open[split]
+
+    def has(self, split: str) -> bool:
+        """Whether any complete cache of this model and dataset exists for ``split``."""
+        from vtbench.data import canonical_spec
+        from vtbench.extract.cache import list_caches
+        from vtbench.paths import cache_dir
+
+        dataset = canonical_spec(self.dataset)
+        return any(
+            m.get("model") == self.model and m.get("dataset") == dataset and m.get("split") == split
+            for _, m in list_caches(cache_dir(self.cache_dir))
+        )
+
+    def split(self, names: list[str], description=None) -> Split:
+        caches = [self.get(n) for n in names]
+        return Split(list(names), caches, description=list(names) if description is None else description)
+
+    def check(self) -> None:
+        """Every opened cache must come from the same model, weights, transform and norm, with the same classes."""
+        from vtbench.extract.cache import check_compatible
+
+        if len(self._open) > 1:
+            check_compatible(dict(self._open))
+        ref_name, ref = next(iter(self._open.items()))
+        for name, other in self._open.items():
+            if other.class_names != ref.class_names:
+                raise VTError(f"the {ref_name} and {name} caches have different class lists; re-extract them together")
+            if other.kinds != ref.kinds:
+                raise VTError(f"the {ref_name} and {name} caches hold different token kinds ({ref.kinds} vs {other.kinds})")
+
+    @property
+    def reference(self):
+        return next(iter(self._open.values()))
+
+    def close(self) -> None:
+        for cache in self._open.values():
+            cache.close()

@@ -1,0 +1,448 @@
+"""Linear probes and k-NN on cached token ensembles: ``run_probe`` (the API behind ``vt probe``).
+
+Protocols (``docs/probe.md`` has the details and how each differs from the paper):
+
+- ``default``: multinomial logistic regression, features standardised with the
+  training statistics, L2 strength chosen on the validation split (the official
+  one, else a seeded stratified 20% of train) from :data:`L2_GRID`, then refit
+  on train+val and evaluated on test. Solved by :func:`vtbench.transfer.solver.fit_logreg`:
+  every grid value of every token spec in one batched run, then one batched refit.
+- ``sklearn``: the same selection and refit with scikit-learn's ``LogisticRegression``
+  (lbfgs) as the solver, ``C = 1 / (l2 * n)``: the reference backend.
+- ``ipvit``: the IPViT paper's protocol: a linear head trained with AdamW
+  (lr 5e-4, weight decay 0.05, constant lr, 10 epochs, batch 256) on the paper's
+  training splits, tested after every epoch. ``top1`` is the last epoch;
+  ``top1_max_over_epochs`` is what the paper reported (it peeks at test).
+- ``knn``: k-NN with temperature-weighted votes on L2-normalised features,
+  k chosen on the validation split (see :mod:`vtbench.transfer.knn`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from vtbench.errors import VTError
+from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
+from vtbench.transfer import knn as knn_lib
+from vtbench.transfer.features import VAL_FRACTION, CacheSet, Split, stratified_holdout
+from vtbench.transfer.metrics import accuracy, classification_metrics
+from vtbench.transfer.solver import LogRegFit, fit_logreg
+
+# L2 strengths (objective: mean cross-entropy + l2/2 ||W||^2 on standardised features), half a
+# decade apart from 1e-6 (almost unregularised) to 100 (beyond it the probe is, up to scale, the
+# class-mean classifier it tends to as l2 grows). sklearn's C is 1 / (l2 * n).
+L2_GRID = tuple(float(f"{10 ** (e / 2):.6g}") for e in range(-12, 5))
+SOLVER_TOL = 1e-4  # relative gradient norm ||grad|| / ||grad at 0||, for both backends (see _sklearn_tol)
+SOLVER_MAX_ITER = 1000
+SKLEARN_MAX_ITER = 10000
+IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
+
+SELECTION_PROTOCOLS = ("default", "sklearn", "knn")
+PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
+
+
+@dataclass
+class Task:
+    """What one protocol run gets: the specs, the splits, and the run settings."""
+
+    specs: list[TokenSpec]
+    train: Split  # what the model is fitted on (before the refit on train+val)
+    val: Split | None  # the selection split (None for ipvit)
+    test: Split
+    num_classes: int
+    seed: int
+    device: torch.device
+    standardize: bool
+
+    def refit_split(self) -> Split:
+        """train+val as one split (the refit after selection)."""
+        both = Split(self.train.names + self.val.names, self.train.caches + self.val.caches)
+        if self.train.rows is None and self.val.rows is None:
+            return both
+        # Held-out validation: train and val are two parts of the same cache.
+        return Split(self.train.names, self.train.caches, np.sort(np.concatenate([self.train.rows, self.val.rows])))
+
+
+def _stack(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Per-spec features ``(n, d_p)`` zero-padded to ``(P, n, max d)``: zero columns get zero weight under L2."""
+    width = max(a.shape[1] for a in arrays)
+    out = torch.zeros(len(arrays), len(arrays[0]), width, dtype=torch.float32)
+    for p, a in enumerate(arrays):
+        out[p, :, : a.shape[1]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    return out.to(device)
+
+
+def _standardizer(X: torch.Tensor, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Standardise with the statistics of ``X`` (per spec and column); identity when disabled."""
+    if not enabled:
+        return lambda Z: Z
+    mean = X.mean(1, keepdim=True)
+    std = X.std(1, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))  # constant (e.g. padding) columns stay as they are
+    return lambda Z: (Z - mean) / std
+
+
+def _labels(split: Split, device) -> torch.Tensor:
+    return torch.from_numpy(split.labels).long().to(device)
+
+
+def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, dims: list[int],
+                num_classes: int, class_mask: torch.Tensor) -> LogRegFit:
+    """Fit ``P x G`` logistic regressions with the vtbench solver or with scikit-learn (one problem at a time)."""
+    P = X.shape[0]
+    if backend == "vtbench":
+            return fit_logreg(X, y[None].expand(P, -1), l2, class_mask=class_mask[None].expand(P, -1),
+                          num_classes=num_classes, tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER)
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    G = l2.shape[1]
+    n, d = X.shape[1], X.shape[2]
+    present = torch.nonzero(class_mask).squeeze(1).cpu().numpy()
+    W = torch.zeros(P, G, d, num_classes)
+    b = torch.zeros(P, G, num_classes)
+    iterations = torch.zeros(P, G, dtype=torch.long)
+    converged = torch.ones(P, G, dtype=torch.bool)
+    y_np = y.cpu().numpy()
+    for p in range(P):
+        Xp = X[p, :, : dims[p]].cpu().numpy()
+        tol = _sklearn_tol(Xp, y_np, present)
+        for g in range(G):
+            clf = LogisticRegression(C=1.0 / (float(l2[p, g]) * n), tol=tol, max_iter=SKLEARN_MAX_ITER)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                clf.fit(Xp, y_np)
+            coef, intercept = clf.coef_, clf.intercept_
+            if len(present) == 2:  # sklearn's binary case: one weight vector for class 1
+                coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+            W[p, g, : dims[p]][:, present] = torch.from_numpy(coef.T).float()
+            b[p, g, present] = torch.from_numpy(intercept).float()
+            iterations[p, g] = int(np.max(clf.n_iter_))
+            converged[p, g] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    nan = torch.full((P, G), float("nan"))
+    return LogRegFit(W=W, b=b, iterations=iterations, converged=converged, loss=nan, grad_norm=nan,
+                     class_mask=class_mask[None].expand(P, -1).cpu())
+
+
+def _sklearn_tol(X: np.ndarray, y: np.ndarray, present: np.ndarray) -> float:
+    """sklearn's ``tol`` (a bound on max |grad|) for the same relative standard as ours: SOLVER_TOL * max |grad at 0|.
+
+    sklearn's default (1e-4, absolute) stops long before convergence when the
+    gradient is small to begin with, e.g. with hundreds of classes.
+    """
+    onehot = (y[:, None] == present[None, :]).astype(X.dtype)
+    residual = 1.0 / len(present) - onehot  # softmax(0) - onehot
+    grad0 = np.concatenate([(X.T @ residual).ravel(), residual.sum(0)]) / len(y)
+    return SOLVER_TOL * float(np.abs(grad0).max())
+
+
+def _logistic(task: Task, backend: str) -> list[dict]:
+    """default / sklearn: choose l2 on val from L2_GRID, refit on train+val, evaluate on test."""
+    dims = [task.train.features(s).shape[1] for s in task.specs]
+    P, dev, C = len(task.specs), task.device, task.num_classes
+    t0 = time.perf_counter()
+    X_tr = _stack([task.train.features(s) for s in task.specs], dev)
+    X_va = _stack([task.val.features(s) for s in task.specs], dev)
+    y_tr, y_va = _labels(task.train, dev), _labels(task.val, dev)
+    scale = _standardizer(X_tr, task.standardize)
+    X_tr, X_va = scale(X_tr), scale(X_va)
+    grid = torch.tensor(L2_GRID, device=dev)[None].expand(P, -1)
+    class_mask = torch.bincount(y_tr, minlength=C) > 0
+    fit = _solver_fit(backend, X_tr, y_tr, grid, dims, C, class_mask)
+    val_top1 = accuracy(fit.predict_logits(X_va), y_va).cpu()  # (P, G)
+    # Best validation top-1; ties go to the strongest regularisation (the largest l2).
+    best = torch.tensor([max(range(len(L2_GRID)), key=lambda g: (float(val_top1[p, g]), L2_GRID[g])) for p in range(P)])
+    t_select = time.perf_counter() - t0
+    del X_tr, X_va
+
+    t0 = time.perf_counter()
+    both = task.refit_split()
+    X_all = _stack([both.features(s) for s in task.specs], dev)
+    y_all = _labels(both, dev)
+    scale = _standardizer(X_all, task.standardize)
+    X_all = scale(X_all)
+    X_te = scale(_stack([task.test.features(s) for s in task.specs], dev))
+    chosen = torch.tensor([L2_GRID[g] for g in best.tolist()], device=dev)[:, None]
+    refit_mask = torch.bincount(y_all, minlength=C) > 0
+    refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask)
+    logits = refit.predict_logits(X_te)[:, 0]
+    t_refit = time.perf_counter() - t0
+
+    y_te = _labels(task.test, "cpu")
+    out = []
+    for p in range(P):
+        g = int(best[p])
+        if backend == "vtbench":
+            solver = {"name": "vtbench.transfer.solver.fit_logreg", "method": "batched L-BFGS (eigenbasis-preconditioned)",
+                      "tol": SOLVER_TOL, "criterion": "||grad|| <= tol * ||grad at 0||", "max_iter": SOLVER_MAX_ITER,
+                      "device": str(dev), "batched_problems": P * len(L2_GRID)}
+        else:
+            import sklearn
+
+            solver = {"name": f"sklearn.linear_model.LogisticRegression (lbfgs, sklearn {sklearn.__version__})",
+                      "tol": SOLVER_TOL, "criterion": "max |grad| <= tol * max |grad at 0| (sklearn's tol set per problem)",
+                      "max_iter": SKLEARN_MAX_ITER}
+        solver["selection"] = {"iterations": fit.iterations[p].tolist(), "converged": fit.converged[p].tolist()}
+        solver["refit"] = {"iterations": int(refit.iterations[p, 0]), "converged": bool(refit.converged[p, 0])}
+        if backend == "vtbench":
+            solver["selection"]["grad_norm"] = [float(v) for v in fit.grad_norm[p]]
+            solver["refit"]["grad_norm"] = float(refit.grad_norm[p, 0])
+        out.append({
+            "metrics": dict(classification_metrics(logits[p].cpu(), y_te), val_top1=float(val_top1[p, g])),
+            "selection": {"parameter": "l2", "grid": list(L2_GRID), "val_top1": val_top1[p].tolist(),
+                          "chosen": L2_GRID[g], "sklearn_C_refit": 1.0 / (L2_GRID[g] * len(y_all)),
+                          "rule": "max val top-1; ties -> largest l2"},
+            "solver": solver,
+            "standardize": task.standardize,
+            "timings": {"select_s": t_select, "refit_s": t_refit, "shared_by_specs": P},
+        })
+    return out
+
+
+def _ipvit(task: Task) -> list[dict]:
+    """The paper's head: AdamW on a linear layer per spec, all specs trained side by side, test after each epoch."""
+    dev, C = task.device, task.num_classes
+    feats = [task.train.features(s) for s in task.specs]
+    dims = [f.shape[1] for f in feats]
+    P = len(task.specs)
+    t0 = time.perf_counter()
+    X = _stack(feats, dev)
+    y = _labels(task.train, dev)
+    X_te = _stack([task.test.features(s) for s in task.specs], dev)
+    y_te = _labels(task.test, "cpu")
+    W = torch.zeros(P, X.shape[2], C, device=dev)
+    b = torch.zeros(P, C, device=dev)
+    for p, d in enumerate(dims):
+        # nn.Linear's default init, from the same seeded generator for every spec (so batching changes nothing).
+        gen = torch.Generator().manual_seed(task.seed)
+        bound = 1.0 / d ** 0.5
+        W[p, :d] = (torch.rand(C, d, generator=gen) * 2 - 1).mul_(bound).T.to(dev)
+        b[p] = (torch.rand(C, generator=gen) * 2 - 1).mul_(bound).to(dev)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.AdamW([W, b], lr=IPVIT["lr"], weight_decay=IPVIT["weight_decay"])
+    shuffle = torch.Generator().manual_seed(task.seed)
+    n = len(y)
+    epochs = []
+    for _ in range(IPVIT["epochs"]):
+        order = torch.randperm(n, generator=shuffle).to(dev)
+        for lo in range(0, n, IPVIT["batch_size"]):
+            rows = order[lo : lo + IPVIT["batch_size"]]
+            logits = X[:, rows] @ W + b[:, None, :]
+            # Sum over specs of each spec's mean loss: every head gets exactly its own gradient.
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, C), y[rows].repeat(P), reduction="sum") / len(rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            epochs.append((X_te @ W + b[:, None, :]).cpu())
+    elapsed = time.perf_counter() - t0
+    out = []
+    for p in range(P):
+        per_epoch = [float(accuracy(e[p], y_te)) for e in epochs]
+        metrics = classification_metrics(epochs[-1][p], y_te)
+        metrics.update(top1_last_epoch=per_epoch[-1], top1_max_over_epochs=max(per_epoch),
+                       best_epoch=int(np.argmax(per_epoch)) + 1, top1_per_epoch=per_epoch)
+        out.append({
+            "metrics": metrics,
+            "selection": {"note": "no selection: fixed hyperparameters; top1_max_over_epochs peeks at test (as the paper did)"},
+            "solver": dict(IPVIT, init="nn.Linear default (seeded)", shuffle=f"torch.randperm per epoch (seed {task.seed})",
+                           device=str(dev)),
+            "timings": {"fit_s": elapsed, "shared_by_specs": P},
+        })
+    return out
+
+
+def _knn(task: Task) -> list[dict]:
+    """k-NN: k chosen on val with train as the bank; test with train+val as the bank."""
+    dev, C = task.device, task.num_classes
+    both = task.refit_split()
+    backend = knn_lib.backend_name(dev)
+    out = []
+    for spec in task.specs:
+        t0 = time.perf_counter()
+        ks = knn_lib.capped_ks(len(task.train))
+        val_scores = knn_lib.knn_scores(task.train.features(spec), task.train.labels, task.val.features(spec), ks, C, dev)
+        y_va = _labels(task.val, "cpu")
+        val_top1 = {k: float(accuracy(s, y_va)) for k, s in val_scores.items()}
+        chosen = max(ks, key=lambda k: (val_top1[k], -k))  # ties -> the smaller k
+        test_ks = sorted(set(knn_lib.capped_ks(len(both))) | {chosen})
+        test_scores = knn_lib.knn_scores(both.features(spec), both.labels, task.test.features(spec), test_ks, C, dev)
+        y_te = _labels(task.test, "cpu")
+        metrics = classification_metrics(test_scores[chosen], y_te)
+        metrics["k"] = chosen
+        metrics.update({f"top1_k{k}": float(accuracy(s, y_te)) for k, s in test_scores.items()})
+        out.append({
+            "metrics": metrics,
+            "selection": {"parameter": "k", "grid": ks, "val_top1": [val_top1[k] for k in ks], "chosen": chosen,
+                          "rule": "max val top-1; ties -> smallest k"},
+            "solver": {"name": "knn", "backend": backend, "temperature": knn_lib.TEMPERATURE,
+                       "similarity": "cosine (L2-normalised features)", "votes": "sum of exp(sim / T)"},
+            "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1},
+        })
+    return out
+
+
+def _run_protocol(protocol: str, task: Task) -> list[dict]:
+    if protocol == "default":
+        return _logistic(task, "vtbench")
+    if protocol == "sklearn":
+        return _logistic(task, "sklearn")
+    if protocol == "ipvit":
+        return _ipvit(task)
+    return _knn(task)
+
+
+def _variant(protocol: str, standardize: bool) -> str:
+    """Protocol detail that changes the number: raw (unstandardised) features for the logistic probes."""
+    return "" if standardize or protocol not in ("default", "sklearn") else "raw"
+
+
+def _unique_specs(specs: list[TokenSpec]) -> list[TokenSpec]:
+    seen, out = set(), []
+    for s in specs:
+        if str(s) not in seen:
+            seen.add(str(s))
+            out.append(s)
+    return out
+
+
+def run_probe(
+    model: str,
+    dataset: str,
+    tokens: str | Sequence[str] = (),
+    protocol: str | Sequence[str] = "default",
+    *,
+    seed: int = 0,
+    per_block: bool = False,
+    cache_dir=None,
+    results_dir=None,
+    weights: str | None = None,
+    transform: str | None = None,
+    norm: bool | None = None,
+    skip_existing: bool = False,
+    device: str | None = None,
+    standardize: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train and evaluate probes on cached features of ``model`` on ``dataset``, one record per (spec, protocol).
+
+    ``tokens`` are token specs (``cls[-1]``, ``cls[-4:]+patch[-1]``, see :mod:`vtbench.tokens`);
+    ``per_block`` adds every block's single-block spec. Caches are looked up in
+    ``cache_dir`` (default ``$VT_CACHE``), narrowed by ``weights`` / ``transform`` / ``norm``.
+    Every record is saved to the results store (``results_dir``, default
+    ``$VT_RESULTS`` or ``./results``) and returned. Specs whose result exists are
+    skipped (and not returned) when ``skip_existing``.
+    """
+    from vtbench import results as store
+    from vtbench.data import dataset_info
+    from vtbench.extract.run import resolve_device
+    from vtbench.paths import results_dir as default_results_dir
+
+    say = log or (lambda msg: None)
+    protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise VTError(f"unknown protocol '{(unknown or [''])[0]}'; choose from {', '.join(PROTOCOLS)}")
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    specs = [parse_spec(t) for t in tokens]
+    if not specs and not per_block:
+        raise VTError("no token specs: pass --tokens (e.g. 'cls[-1]' 'cls[-4:]') or --per-block")
+    dev = resolve_device(device)
+    info = dataset_info(dataset)
+    results_root = default_results_dir(results_dir)
+
+    caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, transform=transform, norm=norm)
+    try:
+        # Open every cache any protocol needs before training anything, so mismatches fail fast.
+        plans = {}
+        for proto in protocols:
+            if proto == "ipvit":
+                plans[proto] = (list(info.paper_train_splits), None)
+            else:
+                val = info.val_split
+                if info.generic:  # generic sources have a val split only where one is on disk
+                    val = "val" if caches.has("val") else None
+                plans[proto] = ([info.train_split], val)
+        for train_names, val_name in plans.values():
+            for name in train_names + ([val_name] if val_name else []) + [info.test_split]:
+                caches.get(name)
+        caches.check()
+        ref = caches.reference
+        if per_block:
+            specs += per_block_specs(ref.kinds)
+        specs = _unique_specs(specs)
+        for spec in specs:
+            spec.resolve(ref.kinds)  # unknown kind / block out of range -> VTError before any training
+        meta = ref.meta
+        base = {
+            "task": "probe",
+            "model": meta["model"],
+            "weights": {"source": meta.get("weights_source"), "sha256": meta["weights_sha256"]},
+            "dataset": meta["dataset"],
+            "seed": seed,
+            "transform": meta.get("transform"),
+            "norm": meta.get("norm"),
+            "dtype": meta.get("dtype"),
+            "num_classes": len(ref.class_names),
+        }
+
+        # Hold out validation data up front: a split without enough examples fails before any training.
+        tasks = {}
+        for proto in protocols:
+            train_names, val_name = plans[proto]
+            train = caches.split(train_names)
+            test = caches.split([info.test_split])
+            if proto == "ipvit":
+                val = None
+            elif val_name is not None:
+                val = caches.split([val_name])
+            else:
+                tr_rows, va_rows = stratified_holdout(train.labels, seed)
+                desc = f"{VAL_FRACTION:.0%} of {'+'.join(train_names)} (stratified, seed {seed})"
+                val = train.subset(va_rows, desc)
+                train = train.subset(tr_rows, train_names)
+            tasks[proto] = (train, val, test)
+
+        records = []
+        for proto in protocols:
+            train, val, test = tasks[proto]
+            variant = _variant(proto, standardize)
+            todo = []
+            for spec in specs:
+                ident = dict(base, tokens=str(spec), protocol=proto, variant=variant)
+                if skip_existing and store.exists(results_root, store.identity(ident)):
+                    say(f"skip {proto} {spec}: result exists")
+                    continue
+                todo.append(spec)
+            if not todo:
+                continue
+            say(f"{proto}: {len(todo)} token spec(s) on {meta['dataset']} ({len(train)} train, "
+                f"{len(val) if val is not None else 0} val, {len(test)} test)")
+            t0 = time.perf_counter()
+            task = Task(todo, train, val, test, len(ref.class_names), seed, dev, standardize)
+            outcomes = _run_protocol(proto, task)
+            total = time.perf_counter() - t0
+            splits = {"train": train.description or train.names, "test": test.names}
+            cache_refs = {"train": train.cache_refs(), "test": test.cache_refs()}
+            if val is not None:
+                splits["val"] = val.description or val.names
+                if val.rows is None:
+                    cache_refs["val"] = val.cache_refs()
+            for spec, outcome in zip(todo, outcomes):
+                record = dict(base, tokens=str(spec), protocol=proto, variant=variant, splits=splits, caches=cache_refs,
+                              n={"train": len(train), "val": len(val) if val is not None else 0, "test": len(test)},
+                              feature_dim=sum(meta["dims"][kind][block] for kind, block in spec.resolve(ref.kinds)))
+                outcome["timings"]["protocol_total_s"] = total
+                record.update(outcome)
+                record["_path"] = str(store.save(results_root, record))
+                records.append(record)
+        return records
+    finally:
+        caches.close()
