@@ -36,6 +36,7 @@ and thread count.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,9 @@ import torch
 _MAX_LOGITS = 1 << 25
 _ARMIJO_C1 = 1e-4
 _MIN_STEP = 1e-10
+# Below this many multiply-adds per function evaluation (problems x samples x parameters), a CPU
+# solve runs single-threaded: its many small ops would otherwise wait on thread wake-ups.
+_PARALLEL_WORK = 1 << 24
 
 
 @dataclass
@@ -254,6 +258,29 @@ def fit_logreg(
     if bool((n_valid == 0).any()):
         raise ValueError("every problem needs at least one valid sample")
 
+    work = P * G * n * min(n, d) * C
+    with _threads_for(work, device):
+        return _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, history)
+
+
+@contextmanager
+def _threads_for(work: int, device: torch.device):
+    """Run small CPU solves single-threaded (restoring the thread count afterwards)."""
+    if device.type != "cpu" or work >= _PARALLEL_WORK or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, history) -> LogRegFit:
+    P, n, d = X.shape
+    G = l2.shape[1]
+    device = X.device
     basis = _basis(X, sample_mask, n_valid)
     objective = _Objective(basis.Z, y, sample_mask, class_mask, n_valid, l2, G)
     r1 = basis.Z.shape[2]

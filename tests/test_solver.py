@@ -1,0 +1,124 @@
+"""The batched logistic-regression solver against scikit-learn, padding/masks, determinism and convergence flags."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+
+from vtbench.transfer.solver import fit_logreg, logreg_objective
+
+L2S = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+def _problem(n=240, d=30, C=4, seed=0, sep=0.7):
+    """Overlapping Gaussian classes with unequal feature scales and an offset: not separable, not centred."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(C, d)) * sep
+    y = np.arange(n) % C
+    X = means[y] + rng.normal(size=(n, d)) * np.linspace(0.2, 2.0, d) + 3.0
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+def _sklearn(X, y, l2):
+    with warnings.catch_warnings(), threadpool_limits(1):  # tiny problem: threads only add wake-up latency
+        warnings.simplefilter("ignore")
+        clf = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-9, max_iter=20000).fit(X.astype(np.float64), y)
+    return clf
+
+
+@pytest.mark.parametrize("n,d,l2s", [(240, 30, L2S), (40, 60, L2S[2:])], ids=["n>d", "n<d (span reduction)"])
+def test_matches_sklearn_for_several_l2(n, d, l2s):
+    X, y = _problem(n=n, d=d)
+    fit = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([l2s]), tol=1e-6)
+    assert fit.converged.all() and (fit.grad_norm <= 1e-6).all()
+    assert fit.W.shape == (1, len(l2s), d, 4) and fit.b.shape == (1, len(l2s), 4)
+    logits = fit.predict_logits(torch.from_numpy(X)[None])[0]
+    for g, l2 in enumerate(l2s):
+        clf = _sklearn(X, y, l2)
+        W, b = fit.W[0, g].numpy(), fit.b[0, g].numpy()
+        ours, rel_grad = logreg_objective(X, y, l2, W, b)
+        theirs, _ = logreg_objective(X, y, l2, clf.coef_.T, clf.intercept_)
+        assert rel_grad <= 1e-5  # recomputed in float64: the float32 solver really reached (about) its tol
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        # W is unique (strictly convex in W); the bias only up to a constant shift (softmax invariance).
+        scale = np.abs(clf.coef_).max()
+        np.testing.assert_allclose(W, clf.coef_.T, atol=3e-3 * scale)
+        np.testing.assert_allclose(b - b.mean(), clf.intercept_ - clf.intercept_.mean(), atol=3e-3 * max(1, scale))
+        agree = (logits[g].argmax(1).numpy() == clf.predict(X)).mean()
+        assert agree >= 0.99
+
+
+def test_padding_and_masks_give_the_unpadded_solution():
+    X, y = _problem(n=120, d=12, C=3)
+    l2 = torch.tensor([[1e-3, 1e-1]])
+    plain = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], l2, tol=1e-6)
+
+    # Same problem inside a bigger batch: 30 padding rows (garbage features, label 0), 5 zero feature
+    # columns, two absent classes, next to an unrelated second problem.
+    Xp = torch.zeros(2, 150, 17)
+    Xp[0, :120, :12] = torch.from_numpy(X)
+    Xp[0, 120:] = torch.randn(30, 17) * 50
+    Xp[1] = torch.randn(150, 17)
+    yp = torch.zeros(2, 150, dtype=torch.long)
+    yp[0, :120] = torch.from_numpy(y)
+    yp[1] = torch.arange(150) % 5
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[0, 120:] = False
+    classes = torch.ones(2, 5, dtype=torch.bool)
+    classes[0, 3:] = False
+    padded = fit_logreg(Xp, yp, torch.cat([l2, l2]), sample_mask=mask, class_mask=classes, tol=1e-6)
+
+    W, b = padded.W[0], padded.b[0]
+    torch.testing.assert_close(W[:, :12, :3], plain.W[0], atol=2e-4, rtol=1e-3)
+    assert torch.all(W[:, 12:] == 0) and torch.all(W[:, :, 3:] == 0)
+    torch.testing.assert_close(b[:, :3] - b[:, :3].mean(1, keepdim=True),
+                               plain.b[0] - plain.b[0].mean(1, keepdim=True), atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(padded.loss[0], plain.loss[0], rtol=1e-5, atol=1e-7)
+    logits = padded.predict_logits(Xp[:, :120])
+    assert torch.isinf(logits[0, :, :, 3:]).all() and torch.isfinite(logits[1]).all()
+
+
+def test_batch_of_problems_equals_each_alone():
+    problems = [_problem(n=100, d=10, C=3, seed=s) for s in range(3)]
+    X = torch.stack([torch.from_numpy(p[0]) for p in problems])
+    y = torch.stack([torch.from_numpy(p[1]) for p in problems])
+    l2 = torch.tensor([[1e-3, 1e-1], [1e-2, 1.0], [1e-4, 1e-2]])
+    together = fit_logreg(X, y, l2, tol=1e-6)
+    for p in range(3):
+        alone = fit_logreg(X[p : p + 1], y[p : p + 1], l2[p : p + 1], tol=1e-6)
+        torch.testing.assert_close(together.W[p], alone.W[0], atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(together.loss[p], alone.loss[0], rtol=1e-6, atol=1e-8)
+
+
+def test_deterministic():
+    X, y = _problem(n=150, d=20, C=5)
+    args = (torch.from_numpy(X)[None].repeat(2, 1, 1), torch.from_numpy(y)[None].repeat(2, 1), torch.tensor([L2S, L2S[::-1]]))
+    a, b = fit_logreg(*args), fit_logreg(*args)
+    for field in ("W", "b", "iterations", "loss", "grad_norm"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_convergence_flags_and_warm_start():
+    X, y = _problem(n=200, d=25, C=4, sep=1.5)
+    Xt, yt, l2 = torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[1e-4, 1e-1]])
+    capped = fit_logreg(Xt, yt, l2, max_iter=3)
+    assert capped.iterations.tolist() == [[3, 3]] and not capped.converged.any()
+    assert (capped.grad_norm > 1e-4).all()
+    full = fit_logreg(Xt, yt, l2, tol=1e-5)
+    assert full.converged.all() and (full.grad_norm <= 1e-5).all() and (full.iterations > 3).all()
+    assert (full.loss < capped.loss).all()
+    warm = fit_logreg(Xt, yt, l2, tol=1e-5, init=full)
+    assert warm.converged.all() and (warm.iterations == 0).all()
+
+
+def test_rejects_bad_input():
+    X, y = _problem(n=20, d=3, C=2)
+    with pytest.raises(ValueError, match="strictly positive"):
+        fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[0.0]]))
+    with pytest.raises(ValueError, match="labels"):
+        fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[1.0]]), num_classes=1)
