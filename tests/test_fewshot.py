@@ -83,8 +83,8 @@ def test_ci_formula():
 
 def test_same_seed_is_bit_identical_and_seed_changes_episodes(caches, tmp_path):
     kw = dict(classifier=["lr", "ncc"], episodes=30, cache_dir=caches, save=False)
-    a = run_fewshot(MODEL, "aircraft", "cls[-2:]", "md", **kw, save_episodes_to=tmp_path / "a.json")
-    b = run_fewshot(MODEL, "aircraft", "cls[-2:]", "md", **kw, save_episodes_to=tmp_path / "b.json")
+    a = run_fewshot(MODEL, "aircraft", "cls[-2:]", "md", **kw, save_episodes=tmp_path / "a.json")
+    b = run_fewshot(MODEL, "aircraft", "cls[-2:]", "md", **kw, save_episodes=tmp_path / "b.json")
     c = run_fewshot(MODEL, "aircraft", "cls[-2:]", "md", **kw, seed=1)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     for x, y in zip(a, b):
@@ -96,7 +96,7 @@ def test_same_seed_is_bit_identical_and_seed_changes_episodes(caches, tmp_path):
 def test_save_and_replay_on_another_model(caches, tmp_path):
     eps = tmp_path / "eps.json"
     seeded = run_fewshot(MODEL, "aircraft", "cls[-1]", "fixed", shots=[1, 5], queries=3, episodes=20,
-                         classifier="ncc", cache_dir=caches, save=False, save_episodes_to=eps)
+                         classifier="ncc", cache_dir=caches, save=False, save_episodes=eps)
     assert [r["protocol"] for r in seeded] == ["fewshot-5w1s", "fewshot-5w5s"]
     doc = json.loads(eps.read_text())
     assert doc["format"] == "vtbench-episodes/1" and doc["dataset"] == "aircraft"

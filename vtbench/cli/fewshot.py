@@ -71,7 +71,7 @@ def fewshot(
         model, dataset, split_list(tokens), sampler,
         classifier=split_list(classifier), episodes=episodes, ways=ways, shots=shots, queries=queries,
         classes=classes, seed=seed, split=split_list(split), l2_normalize=l2_normalize, center=center, C=C,
-        save_episodes_to=save_episodes, cache_dir=cache_dir, results=results, skip_existing=skip_existing,
+        save_episodes=save_episodes, cache_dir=cache_dir, results=results, skip_existing=skip_existing,
         device=device, weights=weights, transform=transform, norm=norm, dtype=dtype,
     )
     for rec in records:

@@ -13,8 +13,8 @@ accuracy of every episode (fraction of its queries classified correctly).
   :func:`vtbench.transfer.solver.fit_logreg` (mean cross-entropy + l2/2 ||W||^2,
   bias not penalised), l2 = 1 / (C * n_support), i.e. scikit-learn's
   ``LogisticRegression(C=C)``. The solver reduces each episode, exactly, to
-  the span of its support features when the support set is smaller than the
-  feature dim, so an episode costs O(s^2 d), not O(d) per class per iteration.
+  the span of its support features when the support set (s) is smaller than
+  the feature dim (d): one O(s^2 d) factorisation, then iterations in s dims.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def episode_accuracies(
         scores.converged = np.empty(len(episodes), dtype=bool)
     for idx in _batches(episodes, feats.shape[1], batch_bytes):
         batch = EpisodeBatch.pad([episodes[i] for i in idx], device)
-        support, query = feats[batch.support_rows], feats[batch.query_rows]
+        support = feats[batch.support_rows] * batch.support_mask.unsqueeze(-1)  # zero padding rows
+        query = feats[batch.query_rows]
         if classifier == "ncc":
             logits = _ncc_scores(support, query, batch, center)
         else:
@@ -145,7 +146,7 @@ def _ncc_scores(support, query, batch: EpisodeBatch, center: bool) -> torch.Tens
     """Cosine similarity of every query to every class centroid, (E, Q, W)."""
     weight = batch.support_mask.unsqueeze(-1).to(support.dtype)
     if center:
-        mean = (support * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True)
+        mean = support.sum(1, keepdim=True) / weight.sum(1, keepdim=True)  # padding rows are zero
         support, query = support - mean, query - mean
     onehot = torch.nn.functional.one_hot(batch.support_labels, batch.class_mask.shape[1]).to(support.dtype) * weight
     centroids = onehot.transpose(1, 2) @ support / onehot.sum(1).clamp_min(1).unsqueeze(-1)

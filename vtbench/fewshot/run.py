@@ -19,7 +19,8 @@ import numpy as np
 
 from vtbench.errors import VTError
 from vtbench.fewshot.classifiers import CLASSIFIERS, episode_accuracies, resolve_device
-from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes, save_episodes
+from vtbench.fewshot import episodes as episode_files
+from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
 from vtbench.fewshot.splits import class_split, default_subset
 from vtbench.paths import results_dir
@@ -124,7 +125,7 @@ def run_fewshot(
     l2_normalize: bool = True,
     center: bool = False,
     C: float = 1.0,
-    save_episodes_to: str | os.PathLike | None = None,
+    save_episodes: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     results: str | os.PathLike | None = None,
     skip_existing: bool = False,
@@ -181,9 +182,9 @@ def run_fewshot(
                 extras.append(f"classes-{subset}")
             if sampler == "fixed" and queries != DEFAULT_QUERIES:
                 extras.append(f"q{queries}")
-            if save_episodes_to:
-                save_episodes(save_episodes_to, sets, dataset=dataset, splits=pool.splits, classes=class_info,
-                              image_ids=pool.image_ids, class_names=pool.class_names)
+            if save_episodes:
+                episode_files.save_episodes(save_episodes, sets, dataset=dataset, splits=pool.splits,
+                                            classes=class_info, image_ids=pool.image_ids, class_names=pool.class_names)
         if splits:
             extras.append("splits-" + "-".join(pool.splits))
         t_episodes = time.perf_counter()
@@ -234,6 +235,8 @@ def _replay(episode_file: Path, dataset: str, pool: Pool) -> tuple[list[EpisodeS
     if doc.get("dataset") != dataset:
         raise VTError(f"episodes file {episode_file} is for dataset '{doc.get('dataset')}', not '{dataset}'")
     sets = episodes_from_ids(doc, pool.image_ids, pool.labels, pool.class_names)
+    if not sets or not all(s.episodes for s in sets):
+        raise VTError(f"episodes file {episode_file} holds no episodes")
     return sets, doc.get("classes", {}), {"file": str(episode_file), "sha256": sha}, [f"file-{sha[:8]}"]
 
 
