@@ -44,19 +44,21 @@ class EpisodeBatch:
     class_mask: torch.Tensor  # (E, W) bool, True for the episode's ways
 
     @classmethod
-    def pad(cls, episodes: list[Episode], device) -> "EpisodeBatch":
-        def padded(arrays):
+    def pad(cls, episodes: list[Episode], device, pad_row: int = 0) -> "EpisodeBatch":
+        """Pad to the largest episode; padded row indices point at ``pad_row``, padded labels are 0."""
+
+        def padded(arrays, fill=0):
             width = max(len(a) for a in arrays)
-            out = np.zeros((len(arrays), width), dtype=np.int64)
+            out = np.full((len(arrays), width), fill, dtype=np.int64)
             mask = np.zeros((len(arrays), width), dtype=bool)
             for i, a in enumerate(arrays):
                 out[i, : len(a)] = a
                 mask[i, : len(a)] = True
             return torch.from_numpy(out).to(device), torch.from_numpy(mask).to(device)
 
-        support_rows, support_mask = padded([e.support for e in episodes])
+        support_rows, support_mask = padded([e.support for e in episodes], pad_row)
         support_labels, _ = padded([e.support_labels for e in episodes])
-        query_rows, query_mask = padded([e.query for e in episodes])
+        query_rows, query_mask = padded([e.query for e in episodes], pad_row)
         query_labels, _ = padded([e.query_labels for e in episodes])
         ways = torch.tensor([e.ways for e in episodes], device=device)
         class_mask = torch.arange(int(ways.max()), device=device)[None, :] < ways[:, None]
@@ -104,14 +106,16 @@ def episode_accuracies(
     feats = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
     if l2_normalize:
         feats = torch.nn.functional.normalize(feats, dim=1)
+    # A trailing zero row that padding points at: padded support rows come out zero, as the solver expects.
+    pad_row = len(feats)
+    feats = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
     scores = EpisodeScores(np.empty(len(episodes), dtype=np.float64))
     if classifier == "lr":
         scores.iterations = np.empty(len(episodes), dtype=np.int64)
         scores.converged = np.empty(len(episodes), dtype=bool)
     for idx in _batches(episodes, feats.shape[1], batch_bytes):
-        batch = EpisodeBatch.pad([episodes[i] for i in idx], device)
-        support = feats[batch.support_rows] * batch.support_mask.unsqueeze(-1)  # zero padding rows
-        query = feats[batch.query_rows]
+        batch = EpisodeBatch.pad([episodes[i] for i in idx], device, pad_row)
+        support, query = feats[batch.support_rows], feats[batch.query_rows]
         if classifier == "ncc":
             logits = _ncc_scores(support, query, batch, center)
         else:
@@ -147,6 +151,7 @@ def _ncc_scores(support, query, batch: EpisodeBatch, center: bool) -> torch.Tens
     weight = batch.support_mask.unsqueeze(-1).to(support.dtype)
     if center:
         mean = support.sum(1, keepdim=True) / weight.sum(1, keepdim=True)  # padding rows are zero
+        # (centring moves padding rows off zero; the masked one-hot below keeps them out of the centroids)
         support, query = support - mean, query - mean
     onehot = torch.nn.functional.one_hot(batch.support_labels, batch.class_mask.shape[1]).to(support.dtype) * weight
     centroids = onehot.transpose(1, 2) @ support / onehot.sum(1).clamp_min(1).unsqueeze(-1)
