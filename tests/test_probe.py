@@ -13,6 +13,7 @@ from vtbench.errors import VTError
 from vtbench.extract.cache import find_cache, open_cache, write_cache
 from vtbench.tokens import parse_spec
 from vtbench.transfer import L2_GRID, run_probe
+from vtbench.transfer import probe as probe_module
 from vtbench.transfer.features import CacheSet, stratified_holdout
 
 MODEL = "toy_vit"
@@ -111,9 +112,16 @@ def test_default_knn_ipvit_records(toy, tmp_path):
     assert stored["metrics"] == default["metrics"] and stored["selection"]["grid"] == list(L2_GRID)
 
 
-def test_specs_batched_together_equal_each_alone(toy, tmp_path):
+def test_specs_batched_together_equal_each_alone(toy, tmp_path, monkeypatch):
     specs = ["cls[-1]", "cls[2]", "cls[-4:]+patch[-1]", "patch[0:2]"]
     together = run_probe(MODEL, "dtd", specs, cache_dir=toy, results_dir=tmp_path / "a", device="cpu")
+    assert together[0]["solver"]["batched_problems"] == 4 * len(L2_GRID)
+    # A memory budget too small for all specs at once splits them into several batched runs.
+    monkeypatch.setattr(probe_module, "SOLVER_MEMORY_BYTES", 2 * len(L2_GRID) * 80 * (5 * DIM + 1) * CLASSES)
+    grouped = run_probe(MODEL, "dtd", specs, cache_dir=toy, results_dir=tmp_path / "c", device="cpu")
+    assert grouped[0]["solver"]["batched_problems"] == 2 * len(L2_GRID)
+    for g, t in zip(grouped, together):
+        assert g["metrics"] == pytest.approx(t["metrics"]) and g["selection"]["chosen"] == t["selection"]["chosen"]
     for spec, rec in zip(specs, together):
         (alone,) = run_probe(MODEL, "dtd", [spec], cache_dir=toy, results_dir=tmp_path / "b", device="cpu")
         assert alone["selection"]["chosen"] == rec["selection"]["chosen"]

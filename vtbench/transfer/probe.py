@@ -40,6 +40,7 @@ from vtbench.transfer.solver import LogRegFit, fit_logreg, logreg_objective
 L2_GRID = tuple(float(f"{10 ** (e / 2):.6g}") for e in range(-12, 5))
 SOLVER_TOL = 1e-4  # relative gradient norm ||grad|| / ||grad at 0||, for both backends (see _sklearn_tol)
 SOLVER_MAX_ITER = 1000
+SOLVER_MEMORY_BYTES = 3 << 30  # specs are solved in groups whose L-BFGS history fits in this
 SKLEARN_MAX_ITER = 10000
 IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
 
@@ -91,13 +92,28 @@ def _labels(split: Split, device) -> torch.Tensor:
     return torch.from_numpy(split.labels).long().to(device)
 
 
+def _specs_per_run(grid_size: int, dim: int, num_classes: int) -> int:
+    """How many specs one batched solve takes: all, unless their L-BFGS history (2 x 10 float32 vectors of
+    (dim + 1) x classes per problem) would exceed SOLVER_MEMORY_BYTES."""
+    return max(1, SOLVER_MEMORY_BYTES // (grid_size * 2 * 10 * (dim + 1) * num_classes * 4))
+
+
 def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, dims: list[int],
                 num_classes: int, class_mask: torch.Tensor) -> LogRegFit:
     """Fit ``P x G`` logistic regressions with the vtbench solver or with scikit-learn (one problem at a time)."""
     P = X.shape[0]
     if backend == "vtbench":
-        return fit_logreg(X, y[None].expand(P, -1), l2, class_mask=class_mask[None].expand(P, -1),
-                          num_classes=num_classes, tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER)
+        group = _specs_per_run(l2.shape[1], X.shape[2], num_classes)
+        fits = []
+        for lo in range(0, P, group):
+            Xg = X[lo : lo + group]
+            fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group],
+                                   class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
+                                   tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER))
+        if len(fits) == 1:
+            return fits[0]
+        return LogRegFit(**{f: torch.cat([getattr(fit, f) for fit in fits]) for f in
+                            ("W", "b", "iterations", "converged", "loss", "grad_norm", "class_mask")})
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -184,7 +200,7 @@ def _logistic(task: Task, backend: str) -> list[dict]:
         if backend == "vtbench":
             solver = {"name": "vtbench.transfer.solver.fit_logreg", "method": "batched L-BFGS, per-problem line search",
                       "tol": SOLVER_TOL, "criterion": "||grad|| <= tol * ||grad at 0||", "max_iter": SOLVER_MAX_ITER,
-                      "device": str(dev), "batched_problems": P * len(L2_GRID)}
+                      "device": str(dev), "batched_problems": min(P, _specs_per_run(len(L2_GRID), max(dims), C)) * len(L2_GRID)}
         else:
             import sklearn
 
