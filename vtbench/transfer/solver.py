@@ -118,29 +118,43 @@ class _Objective:
         chunk = max(1, _MAX_LOGITS // max(1, n * A * C))
         nll = torch.empty(K, dtype=torch.float64, device=w.device)
         grad = torch.empty_like(w)
+        P = self.Z.shape[0]
         for lo in range(0, len(ps), chunk):
             pc = ps[lo : lo + chunk]
+            # Every problem of every feature matrix present (the common case early on): no gathers needed.
+            dense = len(pc) == P and K == P * self.G
+
+            def rows(t):
+                return t if dense else t[pc]
+
             members = torch.nonzero((group >= lo) & (group < lo + len(pc))).squeeze(1)
             g_loc, s_loc = group[members] - lo, slot[members]
             # Stack the unfinished grid values of each feature matrix along the class axis.
-            W = w.new_zeros(len(pc), A, r1, C)
-            W[g_loc, s_loc] = w[members]
-            Z = self.Z[pc]
+            if dense:
+                W = w.view(P, A, r1, C)
+            else:
+                W = w.new_zeros(len(pc), A, r1, C)
+                W[g_loc, s_loc] = w[members]
+            Z = rows(self.Z)
             logits = (Z @ W.permute(0, 2, 1, 3).reshape(len(pc), r1, A * C)).reshape(len(pc), n, A, C)
-            logits.masked_fill_(~self.class_mask[pc][:, None, None, :], float("-inf"))
+            logits.masked_fill_(~rows(self.class_mask)[:, None, None, :], float("-inf"))
             logp = torch.log_softmax(logits, dim=-1)
             del logits
-            target = self.y[pc][:, :, None, None].expand(-1, -1, A, 1)
+            target = rows(self.y)[:, :, None, None].expand(-1, -1, A, 1)
             picked = logp.gather(-1, target).squeeze(-1)  # (p, n, A)
-            weight = self.row_weight[pc][:, :, None]
-            valid = self.sample_mask[pc][:, :, None]
+            weight = rows(self.row_weight)[:, :, None]
+            valid = rows(self.sample_mask)[:, :, None]
             nll_chunk = -(torch.where(valid, picked, 0.0).double() * weight.double()).sum(1)  # (p, A)
             dlogits = logp.exp_()
             dlogits.scatter_add_(-1, target, torch.full_like(target, -1, dtype=dlogits.dtype))
             dlogits.mul_(weight[..., None])
             gW = (Z.transpose(1, 2) @ dlogits.reshape(len(pc), n, A * C)).reshape(len(pc), r1, A, C)
-            grad[members] = gW.permute(0, 2, 1, 3)[g_loc, s_loc]
-            nll[members] = nll_chunk[g_loc, s_loc]
+            if dense:
+                grad = gW.permute(0, 2, 1, 3).contiguous().view(K, r1, C)
+                nll = nll_chunk.reshape(K)
+            else:
+                grad[members] = gW.permute(0, 2, 1, 3)[g_loc, s_loc]
+                nll[members] = nll_chunk[g_loc, s_loc]
         l2 = self.l2[idx][:, None, None]
         penalised_w = self.penalised * w
         grad += l2 * penalised_w
