@@ -38,10 +38,14 @@ from vtbench.transfer.solver import LogRegFit, fit_logreg, logreg_objective
 # decade apart from 1e-6 (almost unregularised) to 100 (beyond it the probe is, up to scale, the
 # class-mean classifier it tends to as l2 grows). sklearn's C is 1 / (l2 * n).
 L2_GRID = tuple(float(f"{10 ** (e / 2):.6g}") for e in range(-12, 5))
-SOLVER_TOL = 1e-4  # relative gradient norm ||grad|| / ||grad at 0||, for both backends (see _sklearn_tol)
+# Both backends are held to the solver's criterion (see vtbench.transfer.solver): ||grad|| <= tol * l2 ||W||,
+# i.e. the weights are within about 1% of the optimum.
+SOLVER_TOL = 1e-2
+CRITERION = "||grad|| <= tol * max(l2 ||W||, 1e-4 ||grad at 0||)"
 SOLVER_MAX_ITER = 1000
 SOLVER_MEMORY_BYTES = 3 << 30  # specs are solved in groups whose L-BFGS history fits in this
 SKLEARN_MAX_ITER = 10000
+SKLEARN_REFINEMENTS = 4  # times sklearn's tol may be divided by 10 (warm-starting) to meet SOLVER_TOL
 IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
 
 PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
@@ -129,36 +133,42 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
     y_np = y.cpu().numpy()
     for p in range(P):
         Xp = X[p, :, : dims[p]].cpu().numpy()
-        tol = _sklearn_tol(Xp, y_np, present)
         for g in range(G):
-            clf = LogisticRegression(C=1.0 / (float(l2[p, g]) * n), tol=tol, max_iter=SKLEARN_MAX_ITER)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                clf.fit(Xp, y_np)
-            coef, intercept = clf.coef_, clf.intercept_
-            if len(present) == 2:  # sklearn's binary case: one weight vector for class 1
-                coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-            W[p, g, : dims[p]][:, present] = torch.from_numpy(coef.T).float()
-            b[p, g, present] = torch.from_numpy(intercept).float()
-            iterations[p, g] = int(np.max(clf.n_iter_))
-            converged[p, g] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-            # Measured by our criterion, so both backends' convergence can be compared.
-            loss[p, g], grad_norm[p, g] = logreg_objective(Xp, y_np, float(l2[p, g]), W[p, g, : dims[p]], b[p, g],
-                                                           class_mask.cpu())
+            clf = LogisticRegression(C=1.0 / (float(l2[p, g]) * n), tol=_sklearn_tol(Xp, y_np, present),
+                                     max_iter=SKLEARN_MAX_ITER, warm_start=True)
+            # Tighten sklearn's tolerance (continuing from its solution) until the solution meets our criterion.
+            for _ in range(SKLEARN_REFINEMENTS + 1):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    clf.fit(Xp, y_np)
+                iterations[p, g] += int(np.max(clf.n_iter_))
+                coef, intercept = clf.coef_, clf.intercept_
+                if len(present) == 2:  # sklearn's binary case: one weight vector for class 1
+                    coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+                W[p, g, : dims[p]][:, present] = torch.from_numpy(coef.T).float()
+                b[p, g, present] = torch.from_numpy(intercept).float()
+                loss[p, g], grad_norm[p, g] = logreg_objective(Xp, y_np, float(l2[p, g]), W[p, g, : dims[p]], b[p, g],
+                                                               class_mask.cpu())
+                if grad_norm[p, g] <= SOLVER_TOL:
+                    break
+                clf.tol /= 10
+            warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            converged[p, g] = bool(grad_norm[p, g] <= SOLVER_TOL) and not warned
     return LogRegFit(W=W, b=b, iterations=iterations, converged=converged, loss=loss, grad_norm=grad_norm,
                      class_mask=class_mask[None].expand(P, -1).cpu())
 
 
 def _sklearn_tol(X: np.ndarray, y: np.ndarray, present: np.ndarray) -> float:
-    """sklearn's ``tol`` (a bound on max |grad|) for the same relative standard as ours: SOLVER_TOL * max |grad at 0|.
+    """sklearn's starting ``tol`` (a bound on max |grad|): 1e-4 * max |grad at 0|.
 
     sklearn's default (1e-4, absolute) stops long before convergence when the
-    gradient is small to begin with, e.g. with hundreds of classes.
+    gradient is small from the start, e.g. with hundreds of classes; a relative
+    start, tightened until the solution meets SOLVER_TOL, holds it to our standard.
     """
     onehot = (y[:, None] == present[None, :]).astype(X.dtype)
     residual = 1.0 / len(present) - onehot  # softmax(0) - onehot
     grad0 = np.concatenate([(X.T @ residual).ravel(), residual.sum(0)]) / len(y)
-    return SOLVER_TOL * float(np.abs(grad0).max())
+    return 1e-4 * float(np.abs(grad0).max())
 
 
 def _logistic(task: Task, backend: str) -> list[dict]:
@@ -199,15 +209,16 @@ def _logistic(task: Task, backend: str) -> list[dict]:
         g = int(best[p])
         if backend == "vtbench":
             solver = {"name": "vtbench.transfer.solver.fit_logreg", "method": "batched L-BFGS, per-problem line search",
-                      "tol": SOLVER_TOL, "criterion": "||grad|| <= tol * ||grad at 0||", "max_iter": SOLVER_MAX_ITER,
+                      "tol": SOLVER_TOL, "criterion": CRITERION, "max_iter": SOLVER_MAX_ITER,
                       "device": str(dev), "batched_problems": min(P, _specs_per_run(len(L2_GRID), max(dims), C)) * len(L2_GRID)}
         else:
             import sklearn
 
             solver = {"name": f"sklearn.linear_model.LogisticRegression (lbfgs, sklearn {sklearn.__version__})",
-                      "tol": SOLVER_TOL, "criterion": "max |grad| <= tol * max |grad at 0| (sklearn's tol set per problem)",
-                      "max_iter": SKLEARN_MAX_ITER}
-        # grad_norm: ||grad|| / ||grad at 0|| of each solution (vtbench's criterion, for both backends).
+                      "tol": SOLVER_TOL, "criterion": CRITERION + " (checked in float64; sklearn's own tol starts at "
+                      "1e-4 * max |grad at 0| and is divided by 10, warm-starting, until it holds, at most "
+                      f"{SKLEARN_REFINEMENTS} times)", "max_iter": SKLEARN_MAX_ITER}
+        # grad_norm: each solution's convergence measure (vtbench's criterion, for both backends).
         solver["selection"] = {"iterations": fit.iterations[p].tolist(), "converged": fit.converged[p].tolist(),
                                "grad_norm": [float(v) for v in fit.grad_norm[p]]}
         solver["refit"] = {"iterations": int(refit.iterations[p, 0]), "converged": bool(refit.converged[p, 0]),
