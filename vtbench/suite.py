@@ -78,9 +78,9 @@ class ModelEntry:
             return "hub:"
         if self.weights == "random":
             return f"random-init:seed={self.seed}"
-        from vtbench.models.weights import checkpoint_path, sha256_file
+        from vtbench.models.weights import resolve_checkpoint, sha256_file
 
-        return sha256_file(checkpoint_path(self.weights))
+        return sha256_file(resolve_checkpoint(self.weights)[1])
 
 
 @dataclass

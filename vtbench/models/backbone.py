@@ -239,12 +239,7 @@ def create_backbone(
         source = f"random-init:seed={seed}"
         sha256 = weight_sources.sha256_state_dict(model.state_dict())
     else:
-        if weights.startswith(weight_sources.PACKAGE_PREFIX):
-            path = weight_sources.package_checkpoint(weights)
-            source = f"{weights} (file:{path})"
-        else:
-            path = weight_sources.checkpoint_path(weights)
-            source = f"file:{path}"
+        source, path = weight_sources.resolve_checkpoint(weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = instantiate(name, model_kwargs)

@@ -104,6 +104,15 @@ def checkpoint_path(weights: str) -> Path:
     return path
 
 
+def resolve_checkpoint(weights: str) -> tuple[str, Path]:
+    """``(weights_source, file)`` of a checkpoint spec: a file path or ``pkg:NAME``."""
+    if weights.startswith(PACKAGE_PREFIX):
+        path = package_checkpoint(weights)
+        return f"{weights} (file:{path})", path
+    path = checkpoint_path(weights)
+    return f"file:{path}", path
+
+
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict (safetensors or torch; 'state_dict'/'model' wrappers and 'module.' removed)."""
     from timm.models import load_state_dict
