@@ -208,3 +208,86 @@ def test_ncc_on_real_lite0_caltech101(lite0_cache_dir, shared_data):
     want = [(LogisticRegression(C=1.0, max_iter=5000).fit(normed[e.support], e.support_labels)
              .predict(normed[e.query]) == e.query_labels).mean() for e in few]
     np.testing.assert_allclose(ours, want, atol=1 / 25 + 1e-9)
+
+
+def _lr_logits(feats, episodes, C=1.0):
+    """Logits of the batched lr path for ``episodes`` padded into one batch (rows back in episode order)."""
+    import torch
+
+    from vtbench.fewshot import classifiers as cl
+
+    x = torch.nn.functional.normalize(torch.as_tensor(feats), dim=1)
+    x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    batch = cl.EpisodeBatch.pad(episodes, torch.device("cpu"), len(feats))
+    logits, _, converged = cl._lr_scores(cl._Kernels(x, episodes, len(feats)), batch, C)
+    assert converged.all()
+    return [logits[i, : len(e.query), : e.ways].numpy() for i, e in enumerate(episodes)]
+
+
+def _sklearn_proba(feats, ep, C):
+    from sklearn.linear_model import LogisticRegression
+
+    normed = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    clf = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(normed[ep.support], ep.support_labels)
+    return clf.predict_proba(normed[ep.query])
+
+
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("pool_gram", [True, False])
+@pytest.mark.parametrize("C", [1.0, 10.0])
+def test_kernel_lr_matches_sklearn_probabilities_in_a_padded_batch(monkeypatch, pool_gram, C):
+    """Mixed ways/shots/queries padded into one batch, s < d: the kernel basis, both ways of getting the kernels."""
+    from vtbench.fewshot import classifiers as cl
+
+    monkeypatch.setattr(cl, "POOL_GRAM_BYTES", 1 << 30 if pool_gram else 0)
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(12), 10)
+    feats = (rng.normal(size=(12, 96))[labels] + 1.2 * rng.normal(size=(len(labels), 96))).astype(np.float32)
+    episodes = (sample_episodes(labels, range(12), MetaDatasetSampler(max_ways=8, max_support=60), 3, seed=2)
+                + sample_episodes(labels, range(12), FixedSampler(3, 2, 4), 2, seed=3))
+    sizes = [len(e.support) for e in episodes]
+    assert max(sizes) < 96 and len(set(sizes)) > 2 and len({e.ways for e in episodes}) > 1
+    for ep, logits in zip(episodes, _lr_logits(feats, episodes, C)):
+        np.testing.assert_allclose(_softmax(logits.astype(np.float64)), _sklearn_proba(feats, ep, C), atol=3e-3)
+
+
+def test_lr_falls_back_when_support_reaches_the_dim_or_duplicates():
+    from vtbench.fewshot import classifiers as cl
+    from vtbench.fewshot.samplers import make_episode
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(6), 12)
+    feats = (rng.normal(size=(6, 16))[labels] + rng.normal(size=(len(labels), 16))).astype(np.float32)
+    # s >= d: 6 ways x 4 shots = 24 support rows > 16 dims, solved on the features.
+    (big,) = sample_episodes(labels, range(6), FixedSampler(6, 4, 5), 1, seed=0)
+    # Duplicate support features (rows 0 and 1 identical): the Cholesky check sends it to the direct path.
+    feats[1] = feats[0]
+    # (3 ways: scikit-learn fits 2-class problems as one binary logistic regression, a different penalty.)
+    dup = make_episode([0, 1, 2], [np.array([0, 1, 2]), np.array([12, 13, 14]), np.array([24, 25])],
+                       [np.array([3, 4]), np.array([15, 16]), np.array([26, 27])])
+    import torch
+
+    x = torch.nn.functional.normalize(torch.as_tensor(feats), dim=1)
+    batch = cl.EpisodeBatch.pad([dup], torch.device("cpu"), 0)
+    k = cl._Kernels(torch.cat([x, x.new_zeros(1, 16)]), [dup], len(feats))
+    assert not bool(cl._kernel_basis(k(batch), batch.support_mask).ok[0])
+    for ep in (big, dup):
+        (logits,) = _lr_logits(feats, [ep])
+        np.testing.assert_allclose(_softmax(logits.astype(np.float64)), _sklearn_proba(feats, ep, 1.0), atol=3e-3)
+    acc = episode_accuracies(feats, [big, dup], "lr", device="cpu")
+    assert acc.converged.all() and (acc.accuracy >= 0).all()
+
+
+def test_lr_is_deterministic():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(20), 15)
+    feats = (rng.normal(size=(20, 48))[labels] + 2 * rng.normal(size=(len(labels), 48))).astype(np.float32)
+    episodes = sample_episodes(labels, range(20), MetaDatasetSampler(), 10, seed=0)
+    a = episode_accuracies(feats, episodes, "lr", device="cpu")
+    b = episode_accuracies(feats, episodes, "lr", device="cpu")
+    np.testing.assert_array_equal(a.accuracy, b.accuracy)
+    np.testing.assert_array_equal(a.iterations, b.iterations)

@@ -28,7 +28,10 @@ from vtbench.errors import VTError
 from vtbench.fewshot.samplers import Episode
 
 CLASSIFIERS = ("lr", "ncc")
-BATCH_BYTES = 256 << 20  # cap on one batch's gathered float32 features
+BATCH_BYTES = 256 << 20  # cap on one batch's working set (gathered features, or lr kernels)
+POOL_GRAM_BYTES = 1 << 30  # cap on the Gram matrix of every row the episodes use (lr)
+MIN_PIVOT = 1e-6  # smallest squared Cholesky pivot, relative to the mean squared centred norm (lr)
+GATHER_BYTES = 2 << 20  # features gathered at a time for per-episode lr kernels (kept in cache)
 
 
 @dataclass
@@ -63,6 +66,14 @@ class EpisodeBatch:
         ways = torch.tensor([e.ways for e in episodes], device=device)
         class_mask = torch.arange(int(ways.max()), device=device)[None, :] < ways[:, None]
         return cls(support_rows, support_labels, support_mask, query_rows, query_labels, query_mask, class_mask)
+
+    def sorted(self) -> "EpisodeBatch":
+        """The same episodes with support and query rows in ascending order (padding, the largest row, last)."""
+        s_rows, s_order = torch.sort(self.support_rows, dim=1, stable=True)
+        q_rows, q_order = torch.sort(self.query_rows, dim=1, stable=True)
+        return EpisodeBatch(
+            s_rows, self.support_labels.gather(1, s_order), self.support_mask.gather(1, s_order),
+            q_rows, self.query_labels.gather(1, q_order), self.query_mask.gather(1, q_order), self.class_mask)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -110,34 +121,40 @@ def episode_accuracies(
     pad_row = len(feats)
     feats = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
     scores = EpisodeScores(np.empty(len(episodes), dtype=np.float64))
+    kernels = None
     if classifier == "lr":
         scores.iterations = np.empty(len(episodes), dtype=np.int64)
         scores.converged = np.empty(len(episodes), dtype=bool)
-    for idx in _batches(episodes, feats.shape[1], batch_bytes):
+        kernels = _Kernels(feats, episodes, pad_row)
+    for idx in _batches(episodes, feats.shape[1], batch_bytes, kernel=classifier == "lr"):
         batch = EpisodeBatch.pad([episodes[i] for i in idx], device, pad_row)
-        support, query = feats[batch.support_rows], feats[batch.query_rows]
         if classifier == "ncc":
-            logits = _ncc_scores(support, query, batch, center)
+            logits = _ncc_scores(feats[batch.support_rows], feats[batch.query_rows], batch, center)
         else:
-            logits, fit = _lr_scores(support, query, batch, C)
-            scores.iterations[idx] = fit.iterations[:, 0].cpu().numpy()
-            scores.converged[idx] = fit.converged[:, 0].cpu().numpy()
+            batch = batch.sorted()  # ascending rows: kernel gathers touch memory in order
+            logits, iterations, converged = _lr_scores(kernels, batch, C)
+            scores.iterations[idx] = iterations.cpu().numpy()
+            scores.converged[idx] = converged.cpu().numpy()
         logits = logits.masked_fill(~batch.class_mask[:, None, :], float("-inf"))
         correct = (logits.argmax(-1) == batch.query_labels) & batch.query_mask
         scores.accuracy[idx] = (correct.sum(1) / batch.query_mask.sum(1)).double().cpu().numpy()
     return scores
 
 
-def _batches(episodes: list[Episode], dim: int, batch_bytes: int) -> list[np.ndarray]:
-    """Episode indices grouped into batches of similar size whose padded features fit ``batch_bytes``."""
+def _batches(episodes: list[Episode], dim: int, batch_bytes: int, kernel: bool = False) -> list[np.ndarray]:
+    """Episode indices grouped into batches of similar size whose padded working set fits ``batch_bytes``.
+
+    The working set is the gathered support and query features (``kernel=False``), or for ``lr``
+    the support-by-(support + query) kernels (float32 and float64 copies) and the s-dim features.
+    """
     sizes = np.array([(len(e.support), len(e.query), e.ways) for e in episodes])
     order = np.lexsort((sizes[:, 2], sizes[:, 1], sizes[:, 0]))
     batches, current, widest = [], [], np.zeros(2, dtype=np.int64)
     for i in order:
         grown = np.maximum(widest, sizes[i, :2])
-        # support and query features, plus the solver's support-span basis (d x s)
-        cost = (len(current) + 1) * (2 * grown[0] + grown[1]) * dim * 4
-        if current and cost > batch_bytes:
+        s, q = int(grown[0]), int(grown[1])
+        per_episode = (s + q) * dim * 4 if not kernel or s >= dim else (2 * s + q) * s * 16
+        if current and (len(current) + 1) * per_episode > batch_bytes:
             batches.append(np.array(current))
             current, grown = [], sizes[i, :2]
         current.append(i)
@@ -159,13 +176,135 @@ def _ncc_scores(support, query, batch: EpisodeBatch, center: bool) -> torch.Tens
     return normalize(query, dim=-1) @ normalize(centroids, dim=-1).transpose(1, 2)
 
 
-def _lr_scores(support, query, batch: EpisodeBatch, C: float):
-    """Logits (E, Q, W) of a logistic regression fitted on each episode's support set, and the fit."""
+class _Kernels:
+    """Dot products of the features episodes index, for the ``lr`` kernel basis.
+
+    Either from one Gram matrix of every row the episodes use (when that is cheaper than the
+    episodes' own support x (support + query) products and fits :data:`POOL_GRAM_BYTES`: many or
+    large episodes drawn from a modest pool), or per episode, gathering the features of a few
+    episodes at a time so that they stay in cache.
+    """
+
+    def __init__(self, feats: torch.Tensor, episodes: list[Episode], pad_row: int):
+        self.feats = feats
+        used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes] + [[pad_row]]))
+        per_episode = sum((len(e.support) + len(e.query)) * len(e.support) for e in episodes)
+        self.gram = self.position = None
+        if len(used) ** 2 < per_episode and len(used) ** 2 * 4 <= POOL_GRAM_BYTES:
+            rows = torch.as_tensor(used, device=feats.device)
+            pool = feats[rows]
+            self.gram = pool @ pool.T
+            self.position = torch.zeros(len(feats), dtype=torch.long, device=feats.device)
+            self.position[rows] = torch.arange(len(rows), device=feats.device)
+
+    def __call__(self, batch: EpisodeBatch) -> torch.Tensor:
+        """``(E, S + Q, S)`` float32: every support and query feature dotted with every support feature."""
+        rows = torch.cat([batch.support_rows, batch.query_rows], 1)
+        S = batch.support_rows.shape[1]
+        if self.gram is not None:
+            rows = self.position[rows]
+            return self.gram[rows[:, :, None], rows[:, None, :S]]
+        E, n = rows.shape
+        out = self.feats.new_empty(E, n, S)
+        step = max(1, GATHER_BYTES // (n * self.feats.shape[1] * 4))
+        for lo in range(0, E, step):
+            X = self.feats[rows[lo : lo + step]]
+            torch.matmul(X, X[:, :S].transpose(1, 2), out=out[lo : lo + step])
+        return out
+
+
+def _lr_scores(kernels: _Kernels, batch: EpisodeBatch, C: float):
+    """Logits (E, Q, W) of a logistic regression fitted on each episode's support set, iterations and convergence.
+
+    Solved in the kernel basis of :func:`_kernel_basis` (an s-dim problem with the same solution
+    as the d-dim one) when the support sets are smaller than the feature dim; a batch whose padded
+    support is not, and episodes whose kernel factorisation fails, are solved on the features.
+    """
     from vtbench.transfer.solver import fit_logreg
 
-    n_support = batch.support_mask.sum(1).to(support.dtype)
-    fit = fit_logreg(
-        support, batch.support_labels, (1.0 / (C * n_support)).unsqueeze(1),
-        sample_mask=batch.support_mask, class_mask=batch.class_mask, num_classes=batch.class_mask.shape[1],
-    )
-    return fit.predict_logits(query)[:, 0], fit
+    feats, mask = kernels.feats, batch.support_mask
+    S, d = mask.shape[1], feats.shape[1]
+    l2 = (1.0 / (C * mask.sum(1).to(feats.dtype))).unsqueeze(1)
+
+    def solve(X, rows=slice(None)):
+        return fit_logreg(X, batch.support_labels[rows], l2[rows], sample_mask=mask[rows],
+                          class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1])
+
+    def direct(rows=slice(None)):
+        fit = solve(feats[batch.support_rows[rows]], rows)
+        return fit.predict_logits(feats[batch.query_rows[rows]])[:, 0], fit.iterations[:, 0], fit.converged[:, 0]
+
+    if S >= d:
+        return direct()
+    basis = _kernel_basis(kernels(batch), mask)
+    fit = solve(basis.L.to(feats.dtype))
+    logits = basis.logits(fit.W[:, 0], fit.b[:, 0]).to(feats.dtype)
+    iterations, converged = fit.iterations[:, 0].clone(), fit.converged[:, 0].clone()
+    failed = torch.nonzero(~basis.ok).squeeze(1)
+    if len(failed):  # e.g. duplicate support features: solve those episodes on the features
+        logits[failed], iterations[failed], converged[failed] = direct(failed)
+    return logits, iterations, converged
+
+
+@dataclass
+class _KernelBasis:
+    """A batch of episodes factorised as :func:`_kernel_basis` describes (float64)."""
+
+    L: torch.Tensor  # (E, S, S) Cholesky factor of K': the s-dim support features handed to the solver
+    query: torch.Tensor  # (E, Q, S) float32 centred query x centred support dot products
+    shift: torch.Tensor  # (E, S) (c / n) L^-1 m
+    mask: torch.Tensor  # (E, S) support mask
+    ok: torch.Tensor  # (E,) bool: the factorisation succeeded
+
+    def logits(self, V: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Query logits (E, Q, W) under the solver's solution ``V (E, S, W)``, ``b (E, W)`` in the basis."""
+        V = V.double()
+        A = torch.linalg.solve_triangular(self.L.transpose(1, 2), V, upper=True)  # L^-T V: W = Xc^T A
+        A = (A * self.mask[..., None]).to(self.query.dtype)  # (padding rows of A are 0 anyway)
+        b = b.double() + (self.shift[:, None, :] @ V).squeeze(1)
+        return self.query @ A + b.to(A.dtype)[:, None, :]
+
+
+def _kernel_basis(kernel: torch.Tensor, mask: torch.Tensor) -> _KernelBasis:
+    """Reduce each episode's L2-regularised logistic regression from d to s (support size) dims, exactly.
+
+    ``kernel`` (E, S + Q, S): support and query features dotted with the support features. With
+    ``Xc`` the support features centred on their mean ``mu`` (padding rows zero), ``m`` the support
+    mask, ``n`` the support size and ``c`` the mean squared norm of ``Xc``'s rows, factor::
+
+        K' = Xc Xc^T + (c / n) m m^T + c diag(1 - m) = L L^T        (Cholesky, float64)
+
+    and hand the solver the s-dim features ``L``. ``W = Xc^T L^-T V`` maps its weights ``V`` onto
+    the span of the support features with ``Xc W = L V - (c / n) m u^T V`` (``u = L^-1 m``) on the
+    support rows: the same logits up to one shift of every row, which the unpenalised bias absorbs.
+    The penalty is preserved where the optimum lies: moving ``V`` along ``u`` shifts every logit
+    row by the same amount (``L u = m``), so the optimal ``V`` is orthogonal to ``u``, and there
+    ``||W||^2 = ||V||^2 - (c / n) (u^T V)^2 = ||V||^2`` (a component along ``u`` maps to ``W = 0``:
+    ``K' m = c m`` and ``Xc^T m = 0``). The ``(c / n) m m^T`` term fills the null direction that
+    centring creates, ``c diag(1 - m)`` the padding rows, so ``K'`` is positive definite whenever the
+    support features are affinely independent. A query ``x`` gets logits
+    ``(x - mu) Xc^T L^-T V + (c / n) u^T V + b``. ``ok`` is False where the Cholesky fails or a
+    pivot is below ``MIN_PIVOT * c`` (duplicate or nearly duplicate support features).
+    ``kernel`` is overwritten (its query part becomes the centred query dot products).
+    """
+    S = mask.shape[1]
+    K = kernel[:, :S].double()
+    m = mask.double()
+    n = m.sum(1, keepdim=True)  # (E, 1)
+    pair = m[:, :, None] * m[:, None, :]
+    r = (K @ m[..., None]) / n[:, :, None]  # (E, S, 1): x_i . mu (padding rows of K are zero)
+    mm = (r[..., 0] * m).sum(1, keepdim=True)[:, :, None] / n[:, :, None]  # mu . mu
+    K.sub_(r).sub_(r.transpose(1, 2)).add_(mm).mul_(pair)  # Xc Xc^T
+    # Queries in float32 (they only enter the logits), in place on the kernel.
+    query = kernel[:, S:]
+    query.sub_((query @ mask.to(query.dtype)[..., None]) / n.to(query.dtype)[:, :, None])
+    query.sub_(r.transpose(1, 2).to(query.dtype)).add_(mm.to(query.dtype))
+    c = (torch.diagonal(K, dim1=1, dim2=2).sum(1, keepdim=True) / n).clamp_min(1e-12)
+    K.add_(pair.mul_((c / n)[:, :, None]))
+    torch.diagonal(K, dim1=1, dim2=2).add_((1 - m) * c)
+    L, info = torch.linalg.cholesky_ex(K)
+    # A tiny pivot (near-duplicate support features) would amplify float32 rounding in L^-T V.
+    ok = (info == 0) & (torch.diagonal(L, dim1=1, dim2=2).square().amin(1) > MIN_PIVOT * c[:, 0])
+    L = torch.where(ok[:, None, None], L, torch.eye(S, dtype=L.dtype, device=L.device))
+    shift = (c / n) * torch.linalg.solve_triangular(L, m[..., None], upper=False)[..., 0]
+    return _KernelBasis(L=L, query=query, shift=shift, mask=mask, ok=ok)
