@@ -7,14 +7,15 @@ splits pooled (30 images per class), extracted once with vtbench.extract into a 
 1. `run_fewshot` samples the episodes (seed 0) and saves them to a JSON episodes file (its ncc
    accuracy is printed for reference);
 2. the file is replayed onto the pool (`episodes_from_ids`), and on those identical episodes
-   - vtbench: `episode_accuracies(..., "lr")`, all episodes solved together (batched L-BFGS);
-   - scikit-learn: one `LogisticRegression(C=1, max_iter=1000)` fit + predict per episode,
+   - vtbench: `episode_accuracies(..., "lr")`, all episodes solved together (each reduced exactly to
+     its s-dim kernel basis, then batched L-BFGS);
+   - scikit-learn: one `LogisticRegression(C=C, max_iter=1000)` fit + predict per episode,
    both on the same L2-normalised features with the same C (l2 = 1/(C*n_support)).
 
 Prints solve times (after one warm-up call each), the time ratio and the difference in mean
 accuracy. Target on a 2-core CPU: >= 20x faster, mean accuracy within 0.5 points.
 
-    python benchmarks/fewshot_speed.py [--episodes 600] [--tokens prelogits] [--device cpu] [--threads N]
+    python benchmarks/fewshot_speed.py [--episodes 600] [--tokens prelogits] [--C 1] [--device cpu] [--threads N]
 
 On a machine shared with other jobs, oversubscribed OpenMP threads slow torch down by 10x or more;
 pass --threads 1 there (both methods then run on one core).

@@ -12,9 +12,20 @@ accuracy of every episode (fraction of its queries classified correctly).
 - ``lr``: multinomial logistic regression fitted on the support set with
   :func:`vtbench.transfer.solver.fit_logreg` (mean cross-entropy + l2/2 ||W||^2,
   bias not penalised), l2 = 1 / (C * n_support), i.e. scikit-learn's
-  ``LogisticRegression(C=C)``. The solver reduces each episode, exactly, to
-  the span of its support features when the support set (s) is smaller than
-  the feature dim (d): one O(s^2 d) factorisation, then iterations in s dims.
+  ``LogisticRegression(C=C)`` (multinomial; scikit-learn fits 2-way problems as
+  one binary logistic regression instead). When the support set (s) is smaller
+  than the feature dim (d), each episode is first reduced, exactly, to an s-dim
+  problem through its kernel (:func:`_kernel_basis`): the centred support Gram
+  matrix, made positive definite without changing the optimum, is Cholesky
+  factored (float64) and its factor L (s x s) is what the solver sees; the
+  solution is mapped back through the query x support dot products. No d-dim
+  work per episode besides dot products, which come either from one Gram matrix
+  of all the rows a run uses (when that is cheaper, e.g. 600 Meta-Dataset
+  episodes from a 3000-image pool) or per episode from features gathered a few
+  episodes at a time so that they stay in cache (:class:`_Kernels`). Episodes
+  whose factorisation fails (duplicate support features) and batches with
+  s >= d are solved on the features directly. Rows are sorted within each
+  episode first (the result does not depend on their order, the gathers do).
 """
 
 from __future__ import annotations
