@@ -323,7 +323,7 @@ def protocol_note(protocol: str, metric: str) -> str:
     if desc is None:
         m = _FIXED_EPISODES.match(protocol)
         desc = (
-            f"fixed episodes: {m.group(1)}-way {m.group(2)}-shot, 15 queries per class"
+            f"fixed episodes: {m.group(1)}-way {m.group(2)}-shot, 15 queries per class (qN in a variant: N queries)"
             if m
             else "no description registered (see the records)"
         )

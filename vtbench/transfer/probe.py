@@ -39,14 +39,15 @@ from vtbench.transfer.solver import LogRegFit, fit_logreg, logreg_objective
 # class-mean classifier it tends to as l2 grows). sklearn's C is 1 / (l2 * n).
 L2_GRID = tuple(float(f"{10 ** (e / 2):.6g}") for e in range(-12, 5))
 # Both backends are held to the solver's criterion (see vtbench.transfer.solver): ||grad|| <= tol * l2 ||W||,
-# i.e. the weights are within about 0.1% of the optimum (at 1e-2, the refit on shared DTD flipped 2 of 140
-# test predictions against sklearn's solution).
-SOLVER_TOL = 1e-3
+# i.e. the weights are within a relative tol of the optimum: 1% for the grid (validation accuracies), 0.1% for
+# the refit whose test numbers are reported (at 1e-2, the refit on shared DTD flipped 2 of 140 test
+# predictions against sklearn's solution; float32 cannot reach 1e-3 on some weakly regularised problems).
+SELECT_TOL, REFIT_TOL = 1e-2, 1e-3
 CRITERION = "||grad|| <= tol * max(l2 ||W||, 1e-4 ||grad at 0||)"
 SOLVER_MAX_ITER = 1000
 SOLVER_MEMORY_BYTES = 3 << 30  # specs are solved in groups whose L-BFGS history fits in this
 SKLEARN_MAX_ITER = 10000
-SKLEARN_REFINEMENTS = 4  # times sklearn's tol may be divided by 10 (warm-starting) to meet SOLVER_TOL
+SKLEARN_REFINEMENTS = 4  # times sklearn's tol may be divided by 10 (warm-starting) to meet our tol
 IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
 
 PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
@@ -104,7 +105,7 @@ def _specs_per_run(grid_size: int, dim: int, num_classes: int) -> int:
 
 
 def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, dims: list[int],
-                num_classes: int, class_mask: torch.Tensor) -> LogRegFit:
+                num_classes: int, class_mask: torch.Tensor, tol: float) -> LogRegFit:
     """Fit ``P x G`` logistic regressions with the vtbench solver or with scikit-learn (one problem at a time)."""
     P = X.shape[0]
     if backend == "vtbench":
@@ -114,7 +115,7 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
             Xg = X[lo : lo + group]
             fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group],
                                    class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
-                                   tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER))
+                                   tol=tol, max_iter=SOLVER_MAX_ITER))
         if len(fits) == 1:
             return fits[0]
         return LogRegFit(**{f: torch.cat([getattr(fit, f) for fit in fits]) for f in
@@ -150,11 +151,11 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
                 b[p, g, present] = torch.from_numpy(intercept).float()
                 loss[p, g], grad_norm[p, g] = logreg_objective(Xp, y_np, float(l2[p, g]), W[p, g, : dims[p]], b[p, g],
                                                                class_mask.cpu())
-                if grad_norm[p, g] <= SOLVER_TOL:
+                if grad_norm[p, g] <= tol:
                     break
                 clf.tol /= 10
             warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
-            converged[p, g] = bool(grad_norm[p, g] <= SOLVER_TOL) and not warned
+            converged[p, g] = bool(grad_norm[p, g] <= tol) and not warned
     return LogRegFit(W=W, b=b, iterations=iterations, converged=converged, loss=loss, grad_norm=grad_norm,
                      class_mask=class_mask[None].expand(P, -1).cpu())
 
@@ -164,7 +165,7 @@ def _sklearn_tol(X: np.ndarray, y: np.ndarray, present: np.ndarray) -> float:
 
     sklearn's default (1e-4, absolute) stops long before convergence when the
     gradient is small from the start, e.g. with hundreds of classes; a relative
-    start, tightened until the solution meets SOLVER_TOL, holds it to our standard.
+    start, tightened until the solution meets our tol, holds it to our standard.
     """
     onehot = (y[:, None] == present[None, :]).astype(X.dtype)
     residual = 1.0 / len(present) - onehot  # softmax(0) - onehot
@@ -184,7 +185,7 @@ def _logistic(task: Task, backend: str) -> list[dict]:
     X_tr, X_va = scale(X_tr), scale(X_va)
     grid = torch.tensor(L2_GRID, device=dev)[None].expand(P, -1)
     class_mask = torch.bincount(y_tr, minlength=C) > 0
-    fit = _solver_fit(backend, X_tr, y_tr, grid, dims, C, class_mask)
+    fit = _solver_fit(backend, X_tr, y_tr, grid, dims, C, class_mask, SELECT_TOL)
     val_top1 = accuracy(fit.predict_logits(X_va), y_va).cpu()  # (P, G)
     # Best validation top-1; ties go to the strongest regularisation (the largest l2).
     best = torch.tensor([max(range(len(L2_GRID)), key=lambda g: (float(val_top1[p, g]), L2_GRID[g])) for p in range(P)])
@@ -200,7 +201,7 @@ def _logistic(task: Task, backend: str) -> list[dict]:
     X_te = scale(_stack([task.test.features(s) for s in task.specs], dev))
     chosen = torch.tensor([L2_GRID[g] for g in best.tolist()], device=dev)[:, None]
     refit_mask = torch.bincount(y_all, minlength=C) > 0
-    refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask)
+    refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask, REFIT_TOL)
     logits = refit.predict_logits(X_te)[:, 0]
     t_refit = time.perf_counter() - t0
 
@@ -210,13 +211,13 @@ def _logistic(task: Task, backend: str) -> list[dict]:
         g = int(best[p])
         if backend == "vtbench":
             solver = {"name": "vtbench.transfer.solver.fit_logreg", "method": "batched L-BFGS, per-problem line search",
-                      "tol": SOLVER_TOL, "criterion": CRITERION, "max_iter": SOLVER_MAX_ITER,
+                      "tol": {"selection": SELECT_TOL, "refit": REFIT_TOL}, "criterion": CRITERION, "max_iter": SOLVER_MAX_ITER,
                       "device": str(dev), "batched_problems": min(P, _specs_per_run(len(L2_GRID), max(dims), C)) * len(L2_GRID)}
         else:
             import sklearn
 
             solver = {"name": f"sklearn.linear_model.LogisticRegression (lbfgs, sklearn {sklearn.__version__})",
-                      "tol": SOLVER_TOL, "criterion": CRITERION + " (checked in float64; sklearn's own tol starts at "
+                      "tol": {"selection": SELECT_TOL, "refit": REFIT_TOL}, "criterion": CRITERION + " (checked in float64; sklearn's own tol starts at "
                       "1e-4 * max |grad at 0| and is divided by 10, warm-starting, until it holds, at most "
                       f"{SKLEARN_REFINEMENTS} times)", "max_iter": SKLEARN_MAX_ITER}
         # grad_norm: each solution's convergence measure (vtbench's criterion, for both backends).
