@@ -103,7 +103,7 @@ class Row:
 
     @property
     def weights_label(self) -> str:
-        return f"{_short_source(self.weights_source, self.model) or 'weights'} {self.weights_sha256[:12]}"
+        return f"{short_source(self.weights_source, self.model) or 'weights'} {self.weights_sha256[:12]}"
 
 
 @dataclass
@@ -272,8 +272,10 @@ def _section_markdown(sec: Section) -> str:
 # Labels
 
 
-def _short_source(source: str, model: str) -> str:
-    """A weights source without directories or the model name: 'hub:timm/deit_s.fb_in1k' -> 'hub:fb_in1k'."""
+def short_source(source: str, model: str) -> str:
+    """A weights source without directories or the model name: 'hub:timm/deit_s.fb_in1k' -> 'hub:fb_in1k',
+    'pkg:NAME (file:/site-packages/.../x.pth)' -> 'pkg:NAME'."""
+    source = source.split(" (", 1)[0]  # a package source names its resolved file in parentheses
     scheme, sep, rest = source.partition(":")
     if not sep or "/" not in rest:
         return source

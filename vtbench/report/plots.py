@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from vtbench.errors import VTError
-from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block
+from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block, short_source
 from vtbench.results import ResultsTable
 from vtbench.tokens import parse_spec
 
@@ -94,7 +94,7 @@ def plot_per_block(
         model, sha, source, variant, seed, kind = key
         parts = [model]
         if len(weights_per_model[model]) > 1:
-            parts.append(f"{source or 'weights'} {sha[:12]}")
+            parts.append(f"{short_source(source, model) or 'weights'} {sha[:12]}")
         if variant:
             parts.append(variant)
         if len(seeds) > 1:
