@@ -239,7 +239,7 @@ def _lr_scores(kernels: _Kernels, batch: EpisodeBatch, C: float):
 
     def solve(X, rows=slice(None)):
         return fit_logreg(X, batch.support_labels[rows], l2[rows], sample_mask=mask[rows],
-                          class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1])
+                          class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1], history=5)
 
     def direct(rows=slice(None)):
         fit = solve(feats[batch.support_rows[rows]], rows)
