@@ -79,6 +79,8 @@ def write_synthetic_cache(root: Path, **kwargs) -> str:
 
 def run_both(model: str, dataset: str, cache_dir, weights=None) -> dict:
     """Run default then sklearn on ``prelogits``; time each and collect accuracy and convergence."""
+    import sklearn.linear_model  # noqa: F401  (both backends' imports are paid before either is timed)
+
     from vtbench.transfer import run_probe
 
     out = {}
