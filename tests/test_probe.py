@@ -115,11 +115,11 @@ def test_default_knn_ipvit_records(toy, tmp_path):
 def test_specs_batched_together_equal_each_alone(toy, tmp_path, monkeypatch):
     specs = ["cls[-1]", "cls[2]", "cls[-4:]+patch[-1]", "patch[0:2]"]
     together = run_probe(MODEL, "dtd", specs, cache_dir=toy, results_dir=tmp_path / "a", device="cpu")
-    assert together[0]["solver"]["batched_problems"] == 4 * len(L2_GRID)
+    assert together[0]["solver"]["specs_per_batch"] == 4
     # A memory budget too small for all specs at once splits them into several batched runs.
     monkeypatch.setattr(probe_module, "SOLVER_MEMORY_BYTES", 2 * len(L2_GRID) * 80 * (5 * DIM + 1) * CLASSES)
     grouped = run_probe(MODEL, "dtd", specs, cache_dir=toy, results_dir=tmp_path / "c", device="cpu")
-    assert grouped[0]["solver"]["batched_problems"] == 2 * len(L2_GRID)
+    assert grouped[0]["solver"]["specs_per_batch"] == 2
     for g, t in zip(grouped, together):
         assert g["metrics"] == pytest.approx(t["metrics"]) and g["selection"]["chosen"] == t["selection"]["chosen"]
     for spec, rec in zip(specs, together):
