@@ -29,6 +29,9 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import print_table  # noqa: E402
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,9 +156,7 @@ def main(argv=None) -> int:
     header = ("dataset", "vt train+val/test", "default", "sklearn", "by hand", "|d-s|", "|d-h|", "vt l2", "hand C",
               "time vt/hand", "")
     table = [header] + rows
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(table)
     print(f"tf_efficientnet_lite0 pre-logits (1280-d), test top-1 %; PASS = default within {TOLERANCE:g} point of both "
           f"and every solve converged: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
