@@ -123,20 +123,15 @@ def _specs_per_run(grid_size: int, dim: int, num_classes: int) -> int:
 
 def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, dims: list[int],
                 num_classes: int, class_mask: torch.Tensor, tol: float, init=None) -> LogRegFit:
-    """Fit ``P x G`` logistic regressions with the vtbench solver or with scikit-learn (one problem at a time)."""
+    """Fit ``P x G`` logistic regressions with the vtbench solver or with scikit-learn (one problem at a time).
+
+    ``init`` (``W (P, G, d, C)``, ``b (P, G, C)``) warm-starts the vtbench solver; scikit-learn starts from zero.
+    """
     P = X.shape[0]
     if backend == "vtbench":
         if init is None and l2.shape[1] > 1:
             return _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol)
-        group = _specs_per_run(l2.shape[1], X.shape[2], num_classes)
-        fits = []
-        for lo in range(0, P, group):
-            Xg = X[lo : lo + group]
-            init_g = None if init is None else tuple(t[lo : lo + group] for t in init)
-            fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group], init=init_g,
-                                   class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
-                                   tol=tol, max_iter=SOLVER_MAX_ITER))
-        return _concat_fits(fits, dim=0)
+        return _batched_fit(X, y, l2, num_classes, class_mask, tol, init)
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -180,6 +175,20 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
 _FIT_FIELDS = ("W", "b", "iterations", "converged", "loss", "grad_norm")
 
 
+def _batched_fit(X, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit:
+    """One batched ``fit_logreg`` run over every spec and grid value (specs split into groups only when
+    their L-BFGS history would exceed SOLVER_MEMORY_BYTES)."""
+    group = _specs_per_run(l2.shape[1], X.shape[2], num_classes)
+    fits = []
+    for lo in range(0, X.shape[0], group):
+        Xg = X[lo : lo + group]
+        init_g = None if init is None else tuple(t[lo : lo + group] for t in init)
+        fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group], init=init_g,
+                               class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
+                               tol=tol, max_iter=SOLVER_MAX_ITER))
+    return _concat_fits(fits, dim=0)
+
+
 def _concat_fits(fits: list[LogRegFit], dim: int) -> LogRegFit:
     """Fits joined along the problem (0) or grid (1) axis."""
     if len(fits) == 1:
@@ -200,16 +209,16 @@ def _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol) -> LogRegFit:
     if G < 4:  # the coarsest level: a chain from the strongest regularisation down, each from the last
         fits, init = [], None
         for g in sorted(range(G), key=lambda g: -float(l2[0, g])):
-            fits.append((g, _solver_fit("vtbench", X, y, l2[:, [g]], [], num_classes, class_mask, tol, init=init)))
+            fits.append((g, _batched_fit(X, y, l2[:, [g]], num_classes, class_mask, tol, init)))
             init = (fits[-1][1].W, fits[-1][1].b)
         return _concat_fits([fit for _, fit in sorted(fits, key=lambda item: item[0])], dim=1)
     first, second = list(range(0, G, 2)), list(range(1, G, 2))
-    fit1 = _solver_fit("vtbench", X, y, l2[:, first], [], num_classes, class_mask, tol)
+    fit1 = _staggered_grid_fit(X, y, l2[:, first], num_classes, class_mask, tol)
     lower = torch.tensor([g // 2 for g in second])
     upper = torch.tensor([min(g // 2 + 1, len(first) - 1) for g in second])
     W0 = (fit1.W[:, lower] + fit1.W[:, upper]) / 2
     b0 = (fit1.b[:, lower] + fit1.b[:, upper]) / 2
-    fit2 = _solver_fit("vtbench", X, y, l2[:, second], [], num_classes, class_mask, tol, init=(W0, b0))
+    fit2 = _batched_fit(X, y, l2[:, second], num_classes, class_mask, tol, init=(W0, b0))
     order = torch.argsort(torch.tensor(first + second))
     joined = _concat_fits([fit1, fit2], dim=1)
     return LogRegFit(**{f: getattr(joined, f)[:, order] for f in _FIT_FIELDS}, class_mask=joined.class_mask)
@@ -257,8 +266,8 @@ def _logistic(task: Task, backend: str) -> list[dict]:
     chosen = torch.tensor([L2_GRID[g] for g in best.tolist()], device=dev)[:, None]
     refit_mask = torch.bincount(y_all, minlength=C) > 0
     # The refit starts from the chosen grid solution (train+val is mostly train: it lies close to the optimum).
-    picked = torch.arange(P, device=fit.W.device)
-    W0, b0 = scale_all.carry(fit.W[picked, best.to(fit.W.device)].to(dev), fit.b[picked, best.to(fit.W.device)].to(dev), scale)
+    picked, best_on = torch.arange(P, device=fit.W.device), best.to(fit.W.device)
+    W0, b0 = scale_all.carry(fit.W[picked, best_on].to(dev), fit.b[picked, best_on].to(dev), scale)
     refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask, REFIT_TOL, init=(W0[:, None], b0[:, None]))
     logits = refit.predict_logits(X_te)[:, 0]
     t_refit = time.perf_counter() - t0
