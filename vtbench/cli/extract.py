@@ -33,7 +33,7 @@ def extract(
     kinds: Optional[List[str]] = typer.Option(None, "--kinds", help="Only these token kinds (cls, patch, stage, prelogits); default all."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: $VT_CACHE, else the user cache dir)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: 1 on CPU, cores-1 on CUDA)."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: 0 on CPU, i.e. decode between forwards with one thread per torch thread; cores-1 on CUDA)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if a complete cache exists."),

@@ -2,9 +2,15 @@
 
 The pipeline for one split::
 
-    worker processes: load + decode + transform one batch of images   (DataLoader)
-    main thread:      forward every model that shares the transform    (AMP + channels_last on CUDA)
-    writer thread:    stream each batch's features into the caches     (CacheWriter)
+    decoding:      load + decode + transform one batch of images   (DataLoader)
+    main thread:   forward every model that shares the transform    (channels_last; bf16 AMP on CUDA)
+    writer thread: stream each batch's features into the caches     (CacheWriter)
+
+On CUDA, worker processes decode ahead while the GPU runs the forward. On the CPU the
+forward already uses every core, and a decode process running beside it stalls torch's
+threads at each barrier (measured: 53 img/s for Lite0 on 2 cores, vs 62 img/s decoding
+between forwards). So by default the CPU path decodes each batch in the main process
+with one thread per torch thread; ``workers=N`` forces N worker processes anywhere.
 
 Batches are aligned to a fixed grid of ``batch_size`` rows, so a resumed run
 recomputes exactly the batches an uninterrupted run would and ends with the
@@ -115,25 +121,49 @@ def cache_meta(backbone, imageset, transform_desc: dict, *, norm: bool, dtype: s
 
 
 class _BatchImages:
-    """Dataset of whole batches: item i decodes and transforms rows ``batches[i]`` (runs in a worker)."""
+    """Dataset of whole batches: item i decodes and transforms rows ``batches[i]``.
 
-    def __init__(self, imageset, transform, batches: Sequence[tuple[int, int]]):
+    In a worker process rows are decoded one after another; in the main process
+    (``threads`` > 1) a thread pool decodes them in parallel (PIL and torch release the GIL).
+    """
+
+    def __init__(self, imageset, transform, batches: Sequence[tuple[int, int]], threads: int = 1):
         self.imageset, self.transform, self.batches = imageset, transform, list(batches)
+        self.threads = threads
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def __getstate__(self) -> dict:  # worker processes get no pool
+        return {**self.__dict__, "threads": 1, "_pool": None}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _decode(self, row: int):
+        try:
+            return self.transform(self.imageset.load(row)), None
+        except Exception as exc:  # any decode/transform failure marks the image as unreadable
+            return None, f"{type(exc).__name__}: {exc}".strip()
 
     def __getitem__(self, i: int):
         import torch
 
         start, stop = self.batches[i]
-        images, errors = [], {}
-        for row in range(start, stop):
-            try:
-                images.append(self.transform(self.imageset.load(row)))
-            except Exception as exc:  # any decode/transform failure marks the image as unreadable
-                errors[row] = f"{type(exc).__name__}: {exc}".strip()
-                images.append(None)
+        rows = range(start, stop)
+        if self.threads > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vt-decode")
+            decoded = list(self._pool.map(self._decode, rows))
+        else:
+            decoded = [self._decode(row) for row in rows]
+        images = [image for image, _ in decoded]
+        errors = {row: err for row, (_, err) in zip(rows, decoded) if err is not None}
         shape = next((img.shape for img in images if img is not None), None)
         if shape is None:
             return start, stop, None, errors
@@ -212,9 +242,8 @@ def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
     for item in items:
         bb = item if isinstance(item, Backbone) else create_backbone(
             item, weights, model_kwargs=model_kwargs, seed=seed, device=device)
-        bb.model.to(device)
-        if device.type == "cuda":
-            bb.model.to(memory_format=torch.channels_last)
+        # channels_last is ~1.6x faster for CNNs on CPU as on GPU (oneDNN's NHWC kernels) and neutral for ViTs.
+        bb.model.to(device, memory_format=torch.channels_last)
         out.append(bb)
     return out
 
@@ -351,9 +380,10 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
     resumed = {id(w): w.resumed_rows for _, w, _ in jobs}
     total_rows = sum(stop - start for start, stop in batches)
     if workers is None:
-        workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 1
+        workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    images = _BatchImages(imageset, transform, batches, threads=1 if workers else torch.get_num_threads())
     loader = DataLoader(
-        _BatchImages(imageset, transform, batches), batch_size=None, shuffle=False, num_workers=workers,
+        images, batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
         worker_init_fn=_lower_priority if workers else None, persistent_workers=False,
     )
@@ -392,6 +422,8 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
         if isinstance(exc, KeyboardInterrupt):
             say(f"interrupted: written rows are kept in {jobs[0][1].partial}; rerun the same command to resume")
         raise
+    finally:
+        images.close()
     bar.close()
     seconds = time.perf_counter() - t0
     reports = []
@@ -410,9 +442,7 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
 def _forward(bb, batch, *, norm, kinds, device, amp) -> dict:
     import torch
 
-    x = batch.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         feats = bb.features(x, norm=norm, kinds=kinds)
     return {key: t.float().cpu().numpy() for key, t in feats.items()}
