@@ -70,6 +70,10 @@ def test_md_run_records_and_saves(caches, tmp_path):
     assert fs["episodes_source"] == {"seed": 0, "episodes": 40}
     assert 5 <= fs["mean_ways"] <= 6 and fs["mean_query"] == pytest.approx(fs["mean_ways"] * 6)
     assert fs["classifier"]["C"] == 1.0 and fs["classifier"]["l2"] == "1/(C*n_support)"
+    # The record states the tolerance the episodes were actually solved to, and that they met it.
+    from vtbench.fewshot.classifiers import LR_TOL
+    assert fs["classifier"]["tol"] == LR_TOL and "tol" in fs["classifier"]["criterion"]
+    assert fs["classifier"]["converged_fraction"] == 1.0 and fs["classifier"]["mean_iterations"] >= 1
     assert rec["weights"]["sha256"] == "ab" * 32 and len(rec["caches"]["episodes"]) == 2
     stored = json.loads(open(rec["_path"]).read())
     assert stored["metrics"] == m and stored["variant"] == "lr+40ep"

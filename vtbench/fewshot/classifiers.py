@@ -43,6 +43,8 @@ BATCH_BYTES = 256 << 20  # cap on one batch's working set (gathered features, or
 POOL_GRAM_BYTES = 1 << 30  # cap on the Gram matrix of every row the episodes use (lr)
 MIN_PIVOT = 1e-6  # smallest squared Cholesky pivot, relative to the mean squared centred norm (lr)
 GATHER_BYTES = 2 << 20  # features gathered at a time for per-episode lr kernels (kept in cache)
+LR_TOL = 1e-2  # fit_logreg's tol for the lr episodes: weights within about 1% of the optimum
+LR_HISTORY = 5  # L-BFGS pairs per episode
 
 
 @dataclass
@@ -239,7 +241,8 @@ def _lr_scores(kernels: _Kernels, batch: EpisodeBatch, C: float):
 
     def solve(X, rows=slice(None)):
         return fit_logreg(X, batch.support_labels[rows], l2[rows], sample_mask=mask[rows],
-                          class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1], history=5)
+                          class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1],
+                          tol=LR_TOL, history=LR_HISTORY)
 
     def direct(rows=slice(None)):
         fit = solve(feats[batch.support_rows[rows]], rows)

@@ -18,13 +18,14 @@ from typing import Sequence
 import numpy as np
 
 from vtbench.errors import VTError
-from vtbench.fewshot.classifiers import CLASSIFIERS, episode_accuracies, resolve_device
+from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies, resolve_device
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
 from vtbench.fewshot.splits import class_split, default_subset
 from vtbench.paths import results_dir
 from vtbench.tokens import TokenSpec, parse_spec
+from vtbench.transfer.solver import CRITERION
 
 SAMPLERS = ("md", "fixed")
 DEFAULT_EPISODES = 600
@@ -274,7 +275,9 @@ def _details(scores, episode_set, pool, ref, classifier, l2_normalize, center, C
     clf = {"name": classifier, "l2_normalize": l2_normalize}
     if classifier == "lr":
         clf.update(C=C, l2="1/(C*n_support)", objective="mean cross-entropy + l2/2 ||W||^2, bias unpenalised",
-                   solver="vtbench.transfer.solver.fit_logreg (L-BFGS, tol 1e-4 relative gradient norm)",
+                   solver=f"vtbench.transfer.solver.fit_logreg (batched L-BFGS, {LR_HISTORY} pairs; episodes with "
+                          "s < d solved exactly in their s-dim kernel basis)",
+                   tol=LR_TOL, criterion=CRITERION,
                    converged_fraction=float(scores.converged.mean()),
                    mean_iterations=float(scores.iterations.mean()))
     else:

@@ -32,7 +32,7 @@ from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
 from vtbench.transfer import knn as knn_lib
 from vtbench.transfer.features import VAL_FRACTION, CacheSet, Split, stratified_holdout
 from vtbench.transfer.metrics import accuracy, classification_metrics
-from vtbench.transfer.solver import LogRegFit, fit_logreg, logreg_objective
+from vtbench.transfer.solver import CRITERION, LogRegFit, fit_logreg, logreg_objective
 
 # L2 strengths (objective: mean cross-entropy + l2/2 ||W||^2 on standardised features), half a
 # decade apart from 1e-6 (almost unregularised) to 100 (beyond it the probe is, up to scale, the
@@ -43,7 +43,6 @@ L2_GRID = tuple(float(f"{10 ** (e / 2):.6g}") for e in range(-12, 5))
 # the refit whose test numbers are reported (at 1e-2, the refit on shared DTD flipped 2 of 140 test
 # predictions against sklearn's solution; float32 cannot reach 1e-3 on some weakly regularised problems).
 SELECT_TOL, REFIT_TOL = 1e-2, 1e-3
-CRITERION = "||grad|| <= tol * max(l2 ||W||, 1e-4 ||grad at 0||)"
 SOLVER_MAX_ITER = 1000
 SOLVER_MEMORY_BYTES = 3 << 30  # specs are solved in groups whose L-BFGS history fits in this
 SKLEARN_MAX_ITER = 10000

@@ -59,6 +59,8 @@ _WOLFE_DELTA, _WOLFE_SIGMA, _WOLFE_EPS = 0.1, 0.9, 1e-6
 # Convergence measure ||grad|| / max(l2 ||W||, _FLOOR * ||grad at 0||): the floor only matters when the
 # optimal weights are ~0 (no signal in the features), where l2 ||W|| cannot serve as the scale.
 _FLOOR = 1e-4
+# The stopping rule in words, for result records.
+CRITERION = "||grad|| <= tol * max(l2 ||W||, 1e-4 ||grad at 0||)"
 # Below this many multiply-adds per function evaluation (problems x samples x parameters), a CPU
 # solve runs single-threaded: its many small ops would otherwise wait on thread wake-ups.
 _PARALLEL_WORK = 1 << 24
