@@ -31,10 +31,15 @@ def _sklearn(X, y, l2):
     return clf
 
 
+PRECONDITION = pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
+
+
+@PRECONDITION
 @pytest.mark.parametrize("n,d,l2s", [(240, 30, L2S), (40, 60, L2S[2:])], ids=["n>d", "n<d (span reduction)"])
-def test_matches_sklearn_for_several_l2(n, d, l2s):
+def test_matches_sklearn_for_several_l2(n, d, l2s, precondition):
     X, y = _problem(n=n, d=d)
-    fit = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([l2s]), tol=1e-3)
+    fit = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([l2s]), tol=1e-3,
+                     precondition=precondition)
     assert fit.converged.all() and (fit.grad_norm <= 1e-3).all()
     assert fit.W.shape == (1, len(l2s), d, 4) and fit.b.shape == (1, len(l2s), 4)
     logits = fit.predict_logits(torch.from_numpy(X)[None])[0]
@@ -54,10 +59,11 @@ def test_matches_sklearn_for_several_l2(n, d, l2s):
         assert agree >= 0.99
 
 
-def test_padding_and_masks_give_the_unpadded_solution():
+@PRECONDITION
+def test_padding_and_masks_give_the_unpadded_solution(precondition):
     X, y = _problem(n=120, d=12, C=3)
     l2 = torch.tensor([[1e-3, 1e-1]])
-    plain = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], l2, tol=1e-3)
+    plain = fit_logreg(torch.from_numpy(X)[None], torch.from_numpy(y)[None], l2, tol=1e-3, precondition=precondition)
 
     # Same problem inside a bigger batch: 30 padding rows (garbage features, label 0), 5 zero feature
     # columns, two absent classes, next to an unrelated second problem.
@@ -72,7 +78,8 @@ def test_padding_and_masks_give_the_unpadded_solution():
     mask[0, 120:] = False
     classes = torch.ones(2, 5, dtype=torch.bool)
     classes[0, 3:] = False
-    padded = fit_logreg(Xp, yp, torch.cat([l2, l2]), sample_mask=mask, class_mask=classes, tol=1e-3)
+    padded = fit_logreg(Xp, yp, torch.cat([l2, l2]), sample_mask=mask, class_mask=classes, tol=1e-3,
+                        precondition=precondition)
 
     W, b = padded.W[0], padded.b[0]
     torch.testing.assert_close(W[:, :12, :3], plain.W[0], atol=2e-4, rtol=1e-3)
@@ -104,17 +111,58 @@ def test_deterministic():
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
-def test_convergence_flags_and_warm_start():
+@PRECONDITION
+def test_convergence_flags_and_warm_start(precondition):
     X, y = _problem(n=200, d=25, C=4, sep=1.5)
     Xt, yt, l2 = torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[1e-4, 1e-1]])
-    capped = fit_logreg(Xt, yt, l2, max_iter=3)
+    capped = fit_logreg(Xt, yt, l2, max_iter=3, precondition=precondition)
     assert capped.iterations.tolist() == [[3, 3]] and not capped.converged.any()
     assert (capped.grad_norm > 1e-2).all()
-    full = fit_logreg(Xt, yt, l2)
+    full = fit_logreg(Xt, yt, l2, precondition=precondition)
     assert full.converged.all() and (full.grad_norm <= 1e-2).all() and (full.iterations > 3).all()
     assert (full.loss < capped.loss).all()
-    warm = fit_logreg(Xt, yt, l2, init=full)
+    # The reported measure is the real one: recomputed in float64 from W and b.
+    for g in range(2):
+        _, rel_grad = logreg_objective(X, y, float(l2[0, g]), full.W[0, g], full.b[0, g])
+        assert rel_grad == pytest.approx(float(full.grad_norm[0, g]), rel=0.05, abs=1e-4)
+    warm = fit_logreg(Xt, yt, l2, init=full, precondition=precondition)
     assert warm.converged.all() and (warm.iterations == 0).all()
+
+
+def test_preconditioning_needs_fewer_iterations_on_anisotropic_features():
+    # Feature scales spread over two decades, on random axes: plain L-BFGS crawls along the small ones.
+    rng = np.random.default_rng(3)
+    n, d, C = 400, 40, 5
+    y = np.arange(n) % C
+    X = (rng.normal(size=(C, d))[y] + rng.normal(size=(n, d))) * np.logspace(-1, 1, d) @ np.linalg.qr(rng.normal(size=(d, d)))[0]
+    args = (torch.tensor(X, dtype=torch.float32)[None], torch.from_numpy(y)[None], torch.tensor([[1e-3, 1e-1]]))
+    plain = fit_logreg(*args, tol=1e-3)
+    pre = fit_logreg(*args, tol=1e-3, precondition=True)
+    assert plain.converged.all() and pre.converged.all()
+    assert (2 * pre.iterations <= plain.iterations).all(), (pre.iterations, plain.iterations)
+    torch.testing.assert_close(pre.W, plain.W, atol=3e-3 * float(plain.W.abs().max()), rtol=0)
+
+
+def test_reused_bases_give_the_same_fit_and_follow_changes(monkeypatch):
+    from vtbench.transfer import solver
+
+    X, y = _problem(n=150, d=20, C=5)
+    Xt, yt, l2 = torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[1e-2]])
+    fresh = fit_logreg(Xt, yt, l2, precondition=True)
+    computed = []
+    original = solver._compute_basis
+    monkeypatch.setattr(solver, "_compute_basis", lambda *a: computed.append(1) or original(*a))
+    with solver.reuse_bases():
+        first = fit_logreg(Xt, yt, l2, precondition=True)
+        again = fit_logreg(Xt[:, :], yt, l2, precondition=True)  # a new view of the same memory: reused
+        assert len(computed) == 1
+        Xt[0, 0, 0] += 1.0  # changed in place: computed anew
+        changed = fit_logreg(Xt, yt, l2, precondition=True)
+        assert len(computed) == 2
+    assert solver._reused_bases is None
+    for fit in (first, again):
+        assert torch.equal(fit.W, fresh.W) and torch.equal(fit.b, fresh.b)
+    assert not torch.equal(changed.W, fresh.W)
 
 
 def test_rejects_bad_input():

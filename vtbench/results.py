@@ -44,19 +44,20 @@ IDENTITY_FIELDS = ("task", "model", "weights_sha256", "dataset", "tokens", "prot
 
 def versions() -> dict:
     """Versions of vtbench and the libraries that shape its numbers."""
+    from importlib.metadata import version
+
     import numpy
-    import sklearn
-    import timm
     import torch
 
     import vtbench
 
+    # timm and scikit-learn by their installed metadata: importing them just for a version takes seconds.
     return {
         "vtbench": vtbench.__version__,
         "torch": str(torch.__version__),
-        "timm": timm.__version__,
+        "timm": version("timm"),
         "numpy": numpy.__version__,
-        "sklearn": sklearn.__version__,
+        "sklearn": version("scikit-learn"),
     }
 
 

@@ -6,7 +6,8 @@ Protocols (``docs/probe.md`` has the details and how each differs from the paper
   training statistics, L2 strength chosen on the validation split (the official
   one, else a seeded stratified 20% of train) from :data:`L2_GRID`, then refit
   on train+val and evaluated on test. Solved by :func:`vtbench.transfer.solver.fit_logreg`:
-  every token spec batched, the grid coarse to fine (warm starts), then one batched refit.
+  every token spec batched, preconditioned on the features' principal axes, the grid coarse
+  to fine (warm starts), then one batched refit.
 - ``sklearn``: the same selection and refit with scikit-learn's ``LogisticRegression``
   (lbfgs) as the solver, ``C = 1 / (l2 * n)``: the reference backend.
 - ``ipvit``: the IPViT paper's protocol: a linear head trained with AdamW
@@ -32,7 +33,7 @@ from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
 from vtbench.transfer import knn as knn_lib
 from vtbench.transfer.features import VAL_FRACTION, CacheSet, Split, stratified_holdout
 from vtbench.transfer.metrics import accuracy, classification_metrics
-from vtbench.transfer.solver import CRITERION, LogRegFit, fit_logreg, logreg_objective
+from vtbench.transfer.solver import CRITERION, LogRegFit, fit_logreg, logreg_objective, reuse_bases
 
 # L2 strengths (objective: mean cross-entropy + l2/2 ||W||^2 on standardised features), half a
 # decade apart from 1e-6 (almost unregularised) to 100 (beyond it the probe is, up to scale, the
@@ -129,7 +130,8 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
     P = X.shape[0]
     if backend == "vtbench":
         if init is None and l2.shape[1] > 1:
-            return _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol)
+            with reuse_bases():  # the grid's runs share the features' principal axes
+                return _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol)
         return _batched_fit(X, y, l2, num_classes, class_mask, tol, init)
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -184,7 +186,7 @@ def _batched_fit(X, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit
         init_g = None if init is None else tuple(t[lo : lo + group] for t in init)
         fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group], init=init_g,
                                class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
-                               tol=tol, max_iter=SOLVER_MAX_ITER))
+                               tol=tol, max_iter=SOLVER_MAX_ITER, precondition=True))
     return _concat_fits(fits, dim=0)
 
 
@@ -277,8 +279,9 @@ def _logistic(task: Task, backend: str) -> list[dict]:
         g = int(best[p])
         if backend == "vtbench":
             solver = {"name": "vtbench.transfer.solver.fit_logreg",
-                      "method": "batched L-BFGS, per-problem line search; the grid coarse to fine with warm starts, "
-                                "the refit warm-started from the chosen grid solution",
+                      "method": "batched L-BFGS, per-problem line search, preconditioned on the features' principal "
+                                "axes; the grid coarse to fine with warm starts, the refit warm-started from the "
+                                "chosen grid solution",
                       "tol": {"selection": SELECT_TOL, "refit": REFIT_TOL}, "criterion": CRITERION,
                       "max_iter": SOLVER_MAX_ITER, "device": str(dev),
                       "specs_per_batch": min(P, _specs_per_run(len(L2_GRID), max(dims), C))}
