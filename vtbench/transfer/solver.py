@@ -24,7 +24,7 @@ How it works:
    anisotropic features this halves the iterations or better. It costs one
    eigendecomposition per feature matrix (``reuse_bases`` shares it between
    calls on the same features), which is why few-shot episodes go without.
-2. A batched L-BFGS (history 10, compact representation, initial inverse
+2. A batched L-BFGS (history 10, two-loop recursion, initial inverse
    Hessian ``gamma * I`` with ``gamma = s'y / y'y`` from the newest pair). Every
    problem keeps its own history, its own step size and its own Armijo
    backtracking line search (quadratic interpolation), and stops on its own.
@@ -165,6 +165,16 @@ def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Te
     return _Basis(Z=Z, mu=mu, U=U, variance=variance)
 
 
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last axis. Below 16 classes (few-shot ways) spelled out in elementwise ops and
+    reductions: torch's CPU log_softmax is not vectorised there and runs 3x slower (from 16 on it is 2-4x
+    faster). Shifted by the maximum first, as log_softmax does (``x - logsumexp(x)`` loses float32 digits)."""
+    if logits.shape[-1] >= 16:
+        return torch.log_softmax(logits, dim=-1)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log_()
+
+
 class _Objective:
     """Value and gradient of the batched objective for any subset of the ``P * G`` problems."""
 
@@ -208,7 +218,7 @@ class _Objective:
             Z = rows(self.Z)
             logits = (Z @ W.permute(0, 2, 1, 3).reshape(len(pc), r1, A * C)).reshape(len(pc), n, A, C)
             logits.masked_fill_(~rows(self.class_mask)[:, None, None, :], float("-inf"))
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = _log_softmax(logits)
             del logits
             target = rows(self.y)[:, :, None, None].expand(-1, -1, A, 1)
             picked = logp.gather(-1, target).squeeze(-1)  # (p, n, A)
@@ -233,12 +243,14 @@ class _Objective:
 
 
 class _History:
-    """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``) and the compact-form product ``H g``."""
+    """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``, with ``s'y`` and ``y'y``) and the product ``H g``."""
 
     def __init__(self, K: int, D: int, m: int, like: torch.Tensor):
         self.m = m
         self.S = like.new_zeros(K, m, D)
         self.Y = like.new_zeros(K, m, D)
+        self.sy = like.new_ones(K, m)
+        self.yy = like.new_ones(K, m)
         self.count = torch.zeros(K, dtype=torch.long, device=like.device)
         self.newest = torch.full((K,), m - 1, dtype=torch.long, device=like.device)
 
@@ -246,53 +258,49 @@ class _History:
         """Append the pair ``(s, y)`` of every row where ``mask`` is set."""
         rows = mask.nonzero().squeeze(1)
         slot = (self.newest[rows] + 1) % self.m
-        self.S[rows, slot] = s[rows]
-        self.Y[rows, slot] = y[rows]
+        s, y = s[rows], y[rows]
+        self.S[rows, slot] = s
+        self.Y[rows, slot] = y
+        self.sy[rows, slot] = (s * y).sum(1)
+        self.yy[rows, slot] = y.square().sum(1)
         self.newest[rows] = slot
         self.count[rows] = (self.count[rows] + 1).clamp_max(self.m)
 
     def reset(self, mask: torch.Tensor) -> None:
-        rows = mask.nonzero().squeeze(1)
-        self.S[rows] = 0
-        self.Y[rows] = 0
-        self.count[rows] = 0
-        self.newest[rows] = self.m - 1
+        self.count[mask.nonzero().squeeze(1)] = 0  # slots beyond count are never read
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.S, self.Y, self.count, self.newest = self.S[rows], self.Y[rows], self.count[rows], self.newest[rows]
+        self.S, self.Y, self.sy, self.yy = self.S[rows], self.Y[rows], self.sy[rows], self.yy[rows]
+        self.count, self.newest = self.count[rows], self.newest[rows]
+
+    def _pair(self, age: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``s, y (K, D)``, ``s'y (K,)`` and validity of every row's pair ``age`` steps before its newest."""
+        slot = (self.newest - age) % self.m
+        if bool((slot == slot[0]).all()):  # the usual case: every problem pushed in step, no gather needed
+            s, y, sy = self.S[:, int(slot[0])], self.Y[:, int(slot[0])], self.sy[:, int(slot[0])]
+        else:
+            rows = torch.arange(len(slot), device=slot.device)
+            s, y, sy = self.S[rows, slot], self.Y[rows, slot], self.sy[rows, slot]
+        return s, y, sy, age < self.count
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
-        """``-H g`` for every row (Byrd, Nocedal & Schnabel 1994, with ``H0 = gamma I``, ``gamma = s'y / y'y``)."""
-        m, K = self.m, len(g)
-        S, Y, count = self.S, self.Y, self.count
-        SY = (S @ Y.transpose(1, 2)).double()  # (K, m, m): s_i' y_j
-        YY = (Y @ Y.transpose(1, 2)).double()
-        Sg = (S @ g[:, :, None]).double()  # (K, m, 1)
-        Yg = (Y @ g[:, :, None]).double()
-        # Chronological order of the ring slots (oldest first); unused slots come last.
-        ages = torch.arange(m, device=g.device)
-        order = torch.where((count == m)[:, None], (self.newest[:, None] + 1 + ages) % m, ages.expand(K, m))
-        valid = ages[None] < count[:, None]
-        rows = torch.arange(K, device=g.device)[:, None]
-        SY = SY[rows[..., None], order[:, :, None], order[:, None, :]]
-        YY = YY[rows[..., None], order[:, :, None], order[:, None, :]]
-        Sg, Yg = Sg[rows, order], Yg[rows, order]
-        pair = valid[:, :, None] & valid[:, None, :]
-        SY, YY = SY * pair, YY * pair
-        last = (count - 1).clamp_min(0)
-        sy_last, yy_last = SY[rows[:, 0], last, last], YY[rows[:, 0], last, last]
-        gamma = torch.where(count > 0, sy_last / yy_last.clamp_min(1e-300), torch.ones_like(sy_last))[:, None, None]
-        R = torch.triu(SY) + torch.diag_embed((~valid).double())  # unused slots: identity rows
-        diag = torch.diagonal(SY, dim1=1, dim2=2)[..., None]
-        q = torch.linalg.solve_triangular(R, Sg, upper=True)  # R^-1 S'g
-        u = torch.linalg.solve_triangular(R.transpose(1, 2), diag * q + gamma * (YY @ q) - gamma * Yg, upper=False)
-        # Back to ring order, then H g = gamma g + S'u - gamma Y'q.
-        u_ring = torch.zeros_like(u).scatter_(1, order[..., None], u * valid[..., None])
-        q_ring = torch.zeros_like(q).scatter_(1, order[..., None], q * valid[..., None])
-        gamma32 = gamma.to(g.dtype)[:, :, 0]
-        Hg = gamma32 * g + (S.transpose(1, 2) @ u_ring.to(g.dtype)).squeeze(2) \
-            - gamma32 * (Y.transpose(1, 2) @ q_ring.to(g.dtype)).squeeze(2)
-        return -Hg
+        """``-H g`` for every row: the two-loop recursion (Nocedal 1980), ``H0 = gamma I``, ``gamma = s'y / y'y``
+        of the newest pair (1 without pairs)."""
+        q = g.clone()
+        alphas = []
+        for age in range(self.m):  # newest to oldest
+            s, y, sy, valid = self._pair(age)
+            alpha = torch.where(valid, (s * q).sum(1) / sy, 0.0)
+            q -= alpha[:, None] * y
+            alphas.append(alpha)
+        last = self.newest[:, None]
+        gamma = torch.where(self.count > 0, (self.sy.gather(1, last) / self.yy.gather(1, last))[:, 0], 1.0)
+        r = q.mul_(gamma[:, None])
+        for age in reversed(range(self.m)):  # oldest to newest
+            s, y, sy, valid = self._pair(age)
+            beta = (y * r).sum(1) / sy
+            r += torch.where(valid, alphas[age] - beta, 0.0)[:, None] * s
+        return r.neg_()
 
 
 def fit_logreg(
