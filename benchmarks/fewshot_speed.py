@@ -2,7 +2,7 @@
 
 Features: tf_efficientnet_lite0 (shared ImageNet weights) on shared Caltech-101, train and test
 splits pooled (30 images per class), extracted once with vtbench.extract into a persistent cache
-($VT_CACHE or the user cache dir; reused on later runs). For each protocol (md, fixed 5w5s):
+($VT_CACHE or the user cache dir; reused on later runs). For each protocol (md, fixed 5w5s, 5w1s):
 
 1. `run_fewshot` samples the episodes (seed 0) and saves them to a JSON episodes file (its ncc
    accuracy is printed for reference);
@@ -83,7 +83,7 @@ def main() -> None:
           f"tokens: {args.tokens}, C={args.C}")
 
     spec = parse_spec(args.tokens)
-    for sampler, shots in (("md", (5,)), ("fixed", (5,))):
+    for sampler, shots in (("md", (5,)), ("fixed", (5,)), ("fixed", (1,))):
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "episodes.json"
             # ncc is quick: this call only draws and saves the episodes (and reports ncc for reference).

@@ -127,12 +127,14 @@ def episode_accuracies(
     if C <= 0:
         raise VTError(f"C must be positive, got {C}")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    feats = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
-    if l2_normalize:
-        feats = torch.nn.functional.normalize(feats, dim=1)
+    source = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
     # A trailing zero row that padding points at: padded support rows come out zero, as the solver expects.
-    pad_row = len(feats)
-    feats = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    pad_row = len(source)
+    feats = source.new_zeros(pad_row + 1, source.shape[1])
+    if l2_normalize:
+        torch.nn.functional.normalize(source, dim=1, out=feats[:pad_row])
+    else:
+        feats[:pad_row] = source
     scores = EpisodeScores(np.empty(len(episodes), dtype=np.float64))
     kernels = None
     if classifier == "lr":
@@ -200,7 +202,12 @@ class _Kernels:
 
     def __init__(self, feats: torch.Tensor, episodes: list[Episode], pad_row: int):
         self.feats = feats
-        used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes] + [[pad_row]]))
+        is_used = np.zeros(len(feats), dtype=bool)  # (a mask, not np.unique: no sort of every index)
+        for e in episodes:
+            is_used[e.support] = True
+            is_used[e.query] = True
+        is_used[pad_row] = True
+        used = np.flatnonzero(is_used)
         per_episode = sum((len(e.support) + len(e.query)) * len(e.support) for e in episodes)
         self.gram = self.position = None
         if len(used) ** 2 < per_episode and len(used) ** 2 * 4 <= POOL_GRAM_BYTES:
