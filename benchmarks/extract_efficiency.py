@@ -103,13 +103,20 @@ def main() -> None:
     print(f"{args.model} on shared DTD {'+'.join(splits)}: {len(images)} images, batch {args.batch_size}, "
           f"{threads} torch threads, best of {args.repeats}")
 
-    def best(rate, *a, **kw):
-        return max(rate(*a, **kw) for _ in range(args.repeats))
-
-    nchw = best(bare_forward_rate, backbone, images, args.batch_size, torch.contiguous_format)
-    bare = best(bare_forward_rate, backbone, images, args.batch_size)
-    full = best(extract_rate, backbone, "dtd", splits, args.data / "dtd", args.batch_size)
-    pre = best(extract_rate, backbone, "dtd", splits, args.data / "dtd", args.batch_size, kinds=["prelogits"])
+    # Rounds interleave the four measurements, so that this machine's drift (whole-run rates move by
+    # up to 50% between minutes) hits all of them alike; each rate is the best over the rounds.
+    rounds = []
+    for _ in range(args.repeats):
+        rounds.append({
+            "nchw": bare_forward_rate(backbone, images, args.batch_size, torch.contiguous_format),
+            "bare": bare_forward_rate(backbone, images, args.batch_size),
+            "full": extract_rate(backbone, "dtd", splits, args.data / "dtd", args.batch_size),
+            "pre": extract_rate(backbone, "dtd", splits, args.data / "dtd", args.batch_size, kinds=["prelogits"]),
+        })
+        r = rounds[-1]
+        print(f"  round {len(rounds)}: bare NCHW {r['nchw']:.1f}, bare channels_last {r['bare']:.1f}, extract every "
+              f"block {r['full']:.1f}, pre-logits {r['pre']:.1f} img/s; extract/bare {r['full'] / r['bare']:.3f}")
+    nchw, bare, full, pre = (max(r[k] for r in rounds) for k in ("nchw", "bare", "full", "pre"))
     print(f"bare forward, pre-made tensors, NCHW         : {nchw:7.2f} img/s")
     print(f"bare forward, pre-made tensors, channels_last: {bare:7.2f} img/s")
     print(f"vt extract, every block                      : {full:7.2f} img/s")

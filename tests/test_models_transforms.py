@@ -106,6 +106,31 @@ def test_transform_pickles_and_describes_itself_in_json(mode):
     assert json.loads(json.dumps(desc)) == desc
 
 
+@pytest.mark.parametrize("mode,options", [("model", {}), ("ipvit", {}),
+                                          ("model", {"interpolation": "bilinear", "mean": (0.1, 0.2, 0.3), "std": (0.7, 0.5, 0.3)})])
+def test_to_array_is_bit_identical_to_the_tensor_pipeline(mode, options):
+    transform, _ = build_transform(DEIT_CONFIG, mode, **options)
+    assert transform._table is not None  # the lookup path, not the fallback
+    for image in (_photo(seed=1), _photo(width=160, height=400, seed=2).convert("L"), _photo(seed=3).convert("RGBA")):
+        expected = transform(image).permute(1, 2, 0).numpy()
+        out = np.full(expected.shape, np.nan, dtype=np.float32)
+        assert transform.to_array(image, out=out) is out
+        assert np.array_equal(out, expected)  # bit for bit, not allclose
+        assert np.array_equal(transform.to_array(image), expected)
+
+
+def test_to_array_falls_back_to_the_pipeline_for_other_transforms():
+    from vtbench.models.transforms import ImageTransform
+
+    def pipeline(image):  # not a Compose ending in ToTensor + Normalize
+        return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 7
+
+    transform = ImageTransform(pipeline, {"mode": "custom"})
+    image = _photo(width=20, height=10)
+    assert transform._table is None
+    assert np.array_equal(transform.to_array(image), np.asarray(image, dtype=np.float32) / 7)
+
+
 def test_grayscale_images_become_three_channels():
     transform, _ = build_transform(DEIT_CONFIG, "ipvit")
     gray = _photo().convert("L")

@@ -124,7 +124,9 @@ class _BatchImages:
     """Dataset of whole batches: item i decodes and transforms rows ``batches[i]``.
 
     In a worker process rows are decoded one after another; in the main process
-    (``threads`` > 1) a thread pool decodes them in parallel (PIL and torch release the GIL).
+    (``threads`` > 1) a thread pool decodes them in parallel (PIL and numpy release the GIL).
+    Each image is written into its slot of one (N, H, W, C) float32 array: the batch needs no
+    stacking and is already channels_last.
     """
 
     def __init__(self, imageset, transform, batches: Sequence[tuple[int, int]], threads: int = 1):
@@ -143,32 +145,35 @@ class _BatchImages:
             self._pool.shutdown()
             self._pool = None
 
-    def _decode(self, row: int):
+    def _decode(self, row: int, out) -> str | None:
+        """Decode and transform image ``row`` into ``out`` (H, W, 3); on failure zero it and return why."""
         try:
-            return self.transform(self.imageset.load(row)), None
+            self.transform.to_array(self.imageset.load(row), out=out)
+            return None
         except Exception as exc:  # any decode/transform failure marks the image as unreadable
-            return None, f"{type(exc).__name__}: {exc}".strip()
+            out[...] = 0
+            return f"{type(exc).__name__}: {exc}".strip()
 
     def __getitem__(self, i: int):
+        import numpy as np
         import torch
 
         start, stop = self.batches[i]
         rows = range(start, stop)
+        channels, height, width = self.transform.description["input_size"]
+        pixels = np.empty((len(rows), height, width, channels), dtype=np.float32)
         if self.threads > 1:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vt-decode")
-            decoded = list(self._pool.map(self._decode, rows))
+            failures = list(self._pool.map(self._decode, rows, pixels))
         else:
-            decoded = [self._decode(row) for row in rows]
-        images = [image for image, _ in decoded]
-        errors = {row: err for row, (_, err) in zip(rows, decoded) if err is not None}
-        shape = next((img.shape for img in images if img is not None), None)
-        if shape is None:
+            failures = [self._decode(row, out) for row, out in zip(rows, pixels)]
+        errors = {row: err for row, err in zip(rows, failures) if err is not None}
+        if len(errors) == len(rows):
             return start, stop, None, errors
-        batch = torch.stack([img if img is not None else torch.zeros(shape) for img in images])
-        return start, stop, batch, errors
+        return start, stop, torch.from_numpy(pixels).permute(0, 3, 1, 2), errors
 
 
 def _lower_priority(_worker_id: int) -> None:

@@ -14,19 +14,74 @@ IPVIT_INTERPOLATION = "bilinear"
 
 
 class ImageTransform:
-    """PIL image -> float tensor (3, H, W): convert to RGB, then run a torchvision pipeline. Picklable."""
+    """PIL image -> float tensor (3, H, W): convert to RGB, then run a torchvision pipeline. Picklable.
+
+    :meth:`to_array` gives the same values as a (H, W, 3) float32 array, which batches stack into
+    channels_last memory directly. When the pipeline ends in ToTensor + Normalize (timm's eval
+    transform and ``ipvit`` do), it runs the PIL steps and then looks every pixel up in a table of
+    the 256 possible values per channel, computed with the very float32 operations ToTensor and
+    Normalize apply: bit-identical, and 3x cheaper than the tensor steps.
+    """
 
     def __init__(self, pipeline: Callable, description: dict):
         self.pipeline = pipeline
         self.description = description
+        self._pil_steps, self._table = _split_pipeline(pipeline)
 
     def __call__(self, image):
         if image.mode != "RGB":
             image = image.convert("RGB")
         return self.pipeline(image)
 
+    def to_array(self, image, out=None):
+        """The transformed image as a (H, W, 3) float32 array, written into ``out`` when given."""
+        import numpy as np
+
+        if self._table is None:
+            values = self(image).permute(1, 2, 0).numpy()
+            if out is None:
+                return values
+            out[...] = values
+            return out
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        for step in self._pil_steps:
+            image = step(image)
+        pixels = np.asarray(image)
+        if out is None:
+            out = np.empty(pixels.shape, dtype=np.float32)
+        for channel in range(pixels.shape[2]):
+            np.take(self._table[channel], pixels[..., channel], out=out[..., channel])
+        return out
+
     def __repr__(self) -> str:
         return f"ImageTransform({self.description})"
+
+
+def _split_pipeline(pipeline):
+    """``(PIL steps, (3, 256) float32 table)`` when ``pipeline`` is a Compose ending in ToTensor + Normalize
+    (in float32, 3 channels); ``(None, None)`` otherwise."""
+    import numpy as np
+    import torch
+    from torchvision import transforms as T
+
+    steps = getattr(pipeline, "transforms", None)
+    if not steps or len(steps) < 2:
+        return None, None
+    to_tensor, normalize = steps[-2], steps[-1]
+    # timm's MaybeToTensor is ToTensor for PIL images
+    if type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(normalize, T.Normalize):
+        return None, None
+    if torch.get_default_dtype() != torch.float32:  # ToTensor converts to the default dtype
+        return None, None
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).reshape(-1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).reshape(-1)
+    if len(mean) != 3 or len(std) != 3:
+        return None, None
+    # ToTensor: uint8 -> float32, / 255; Normalize: - mean, / std (float32, per channel): the same ops.
+    scaled = torch.arange(256, dtype=torch.float32).div(255)
+    table = (scaled[None, :] - mean[:, None]) / std[:, None]
+    return list(steps[:-2]), np.ascontiguousarray(table.numpy())
 
 
 def _input_size(value, channels: int) -> tuple[int, int, int]:
