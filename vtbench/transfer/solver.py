@@ -288,7 +288,8 @@ class _History:
         of the newest pair (1 without pairs)."""
         q = g.clone()
         alphas = []
-        for age in range(self.m):  # newest to oldest
+        pairs = int(self.count.max()) if len(self.count) else 0  # older slots hold no row's pairs yet
+        for age in range(pairs):  # newest to oldest
             s, y, sy, valid = self._pair(age)
             alpha = torch.where(valid, (s * q).sum(1) / sy, 0.0)
             q -= alpha[:, None] * y
@@ -296,7 +297,9 @@ class _History:
         last = self.newest[:, None]
         gamma = torch.where(self.count > 0, (self.sy.gather(1, last) / self.yy.gather(1, last))[:, 0], 1.0)
         r = q.mul_(gamma[:, None])
-        for age in reversed(range(self.m)):  # oldest to newest
+        for age in reversed(range(pairs)):  # oldest to newest
+            # fetched again rather than kept from the first loop: when rows' slots differ, each pair is a
+            # gathered copy, and keeping them all would double the history's memory
             s, y, sy, valid = self._pair(age)
             beta = (y * r).sum(1) / sy
             r += torch.where(valid, alphas[age] - beta, 0.0)[:, None] * s
