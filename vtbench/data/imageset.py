@@ -59,8 +59,7 @@ class ImageSet:
             raise OSError(f"cannot read {self.image_ids[i]}: {type(exc).__name__}: {exc}") from exc
 
     def _read(self, i: int) -> Image.Image:
-        with Image.open(os.path.join(self.root or "", self.image_ids[i])) as img:
-            return img.convert("RGB")  # decodes the whole file, so truncated data fails here
+        return decode_rgb(os.path.join(self.root or "", self.image_ids[i]))
 
     def _item_sizes(self) -> list[int]:
         """Byte size of every item (-1 where a file is missing): part of the fingerprint."""
@@ -80,6 +79,14 @@ class ImageSet:
             h.update(f"{image_id}\t{size}\t{label}\n".encode())
         h.update("\n".join(self.class_names).encode())
         return h.hexdigest()
+
+
+def decode_rgb(source) -> Image.Image:
+    """The image in ``source`` (a path or file object), fully decoded, as RGB; the file is closed on return."""
+    with Image.open(source) as img:
+        img.load()  # decodes the whole file, so truncated data fails here
+        # An RGB image is returned as is: convert() would copy it (0.1-0.2 ms of a 2.4 ms decode on DTD).
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ArrayImageSet(ImageSet):
@@ -115,9 +122,7 @@ class HFImageSet(ImageSet):
 
     def _read(self, i: int) -> Image.Image:
         item = self.dataset[i][self.image_column]
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
-        with Image.open(source) as img:
-            return img.convert("RGB")
+        return decode_rgb(io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"])
 
     def _item_sizes(self) -> list[int]:
         import pyarrow.compute as pc
