@@ -295,3 +295,30 @@ def test_lr_is_deterministic():
     b = episode_accuracies(feats, episodes, "lr", device="cpu")
     np.testing.assert_array_equal(a.accuracy, b.accuracy)
     np.testing.assert_array_equal(a.iterations, b.iterations)
+
+
+def test_lr_batches_cut_by_ways_where_padding_would_dominate():
+    from types import SimpleNamespace
+
+    from vtbench.fewshot import classifiers as cl
+
+    def episode(support, ways):
+        return SimpleNamespace(support=np.zeros(support), query=np.zeros(10 * ways), ways=ways)
+
+    rng = np.random.default_rng(0)
+    # Similar support sizes, ways either 5 or 50: one batch by size, padded to 50 ways throughout.
+    episodes = [episode(int(s), int(w)) for s, w in zip(rng.integers(100, 110, 40), rng.choice([5, 50], 40))]
+    batches = cl._batches(episodes, dim=1280, batch_bytes=1 << 40, kernel=True)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(40))
+    assert len(batches) == 2 and all(len({episodes[i].ways for i in b}) == 1 for b in batches)
+
+    def padded_work(parts):
+        return sum(len(b) * max(len(episodes[i].support) for i in b) ** 2 * max(episodes[i].ways for i in b)
+                   for b in parts)
+
+    by_ways = [np.array([i for i, e in enumerate(episodes) if e.ways == w]) for w in (5, 50)]
+    assert padded_work(batches) == padded_work(by_ways) < 0.7 * padded_work([np.arange(40)])
+    # Episodes alike in ways stay in one batch; ncc batches are never cut by ways.
+    alike = [episode(100, 20)] * 10
+    assert len(cl._batches(alike, 1280, 1 << 40, kernel=True)) == 1
+    assert len(cl._batches(episodes, 1280, 1 << 40, kernel=False)) == 1
