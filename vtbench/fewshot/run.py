@@ -148,7 +148,10 @@ def run_fewshot(
     record is returned (marked ``"skipped": True``) instead of being recomputed.
     """
     from vtbench import results as store
+    from vtbench.allocator import keep_freed_memory
     from vtbench.data import canonical_spec, dataset_info
+
+    keep_freed_memory()  # as vt does: batched solves reuse large blocks
 
     t0 = time.perf_counter()
     specs = [parse_spec(t) for t in _as_list(tokens)]

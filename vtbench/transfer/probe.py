@@ -445,9 +445,12 @@ def run_probe(
     skipped (and not returned) when ``skip_existing``.
     """
     from vtbench import results as store
+    from vtbench.allocator import keep_freed_memory
     from vtbench.data import dataset_info
     from vtbench.extract.run import resolve_device
     from vtbench.paths import results_dir as default_results_dir
+
+    keep_freed_memory()  # as vt does: batched solves reuse large blocks
 
     say = log or (lambda msg: None)
     protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
