@@ -104,7 +104,6 @@ def test_bad_images_skipped_and_listed(folder, tmp_path):
         extract(VIT, folder, "train", **tiny(on_error="fail", force=True))
 
 
-
 def test_worker_processes_and_decode_threads_write_identical_caches(folder, tmp_path):
     """workers=N decodes in processes, workers=0 in a thread pool: same rows, same skips, same bytes."""
     root = Path(folder.split(":", 1)[1])
@@ -118,6 +117,7 @@ def test_worker_processes_and_decode_threads_write_identical_caches(folder, tmp_
     assert content_a.keys() == content_b.keys()
     for name in content_a:
         np.testing.assert_array_equal(content_a[name], content_b[name], err_msg=name)
+
 
 def test_interrupted_run_resumes_to_identical_content(folder, tmp_path, monkeypatch):
     (clean,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "clean"))

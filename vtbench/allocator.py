@@ -11,8 +11,8 @@ Raising the mmap and trim thresholds lets freed blocks serve the next batch. The
 blocks kept in the heap cannot serve every later size, so the peak grows (a Lite0 extraction of
 GTSRB at batch 64: 1.7-1.8 GB without, 2.3-2.6 GB with; a 256 MiB threshold gave 2.3 GB at
 18.7 s instead of 15.1 s, 64 MiB 1.8 GB at 29.1 s, untuned 37.4 s). It stays flat in the dataset
-size, and memory freed after the peak stays with the process until it exits. ``vt`` (every
-command), ``extract()``, ``run_probe()`` and ``run_fewshot()`` apply it. Set
+size, and memory freed after the peak stays with the process until it exits. ``extract()``,
+``run_probe()`` and ``run_fewshot()`` apply it, and so every ``vt`` command that computes. Set
 ``VT_KEEP_FREED_MEMORY=0`` to leave the allocator alone.
 """
 

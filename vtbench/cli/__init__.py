@@ -27,9 +27,6 @@ from vtbench.cli import (  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
-    from vtbench.allocator import keep_freed_memory
-
-    keep_freed_memory()
     try:
         app(args=argv, prog_name="vt")
     except VTError as exc:
