@@ -31,7 +31,7 @@ def _sklearn(X, y, l2):
     return clf
 
 
-PRECONDITION = pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
+PRECONDITION = pytest.mark.parametrize("precondition", [None, "principal", "diagonal"])
 
 
 @PRECONDITION
@@ -137,10 +137,26 @@ def test_preconditioning_needs_fewer_iterations_on_anisotropic_features():
     X = (rng.normal(size=(C, d))[y] + rng.normal(size=(n, d))) * np.logspace(-1, 1, d) @ np.linalg.qr(rng.normal(size=(d, d)))[0]
     args = (torch.tensor(X, dtype=torch.float32)[None], torch.from_numpy(y)[None], torch.tensor([[1e-3, 1e-1]]))
     plain = fit_logreg(*args, tol=1e-3)
-    pre = fit_logreg(*args, tol=1e-3, precondition=True)
+    pre = fit_logreg(*args, tol=1e-3, precondition="principal")
     assert plain.converged.all() and pre.converged.all()
     assert (2 * pre.iterations <= plain.iterations).all(), (pre.iterations, plain.iterations)
     torch.testing.assert_close(pre.W, plain.W, atol=3e-3 * float(plain.W.abs().max()), rtol=0)
+
+
+def test_diagonal_preconditioning_needs_fewer_iterations_on_axis_aligned_scales():
+    # The same spread of scales along the coordinate axes: scaling them, without a rotation, is enough.
+    rng = np.random.default_rng(4)
+    n, d, C = 400, 40, 5
+    y = np.arange(n) % C
+    X = (rng.normal(size=(C, d))[y] + rng.normal(size=(n, d))) * np.logspace(-1, 1, d)
+    args = (torch.tensor(X, dtype=torch.float32)[None], torch.from_numpy(y)[None], torch.tensor([[1e-3, 1e-1]]))
+    plain = fit_logreg(*args, tol=1e-3)
+    diagonal = fit_logreg(*args, tol=1e-3, precondition="diagonal")
+    assert plain.converged.all() and diagonal.converged.all()
+    assert (2 * diagonal.iterations <= plain.iterations).all(), (diagonal.iterations, plain.iterations)
+    torch.testing.assert_close(diagonal.W, plain.W, atol=3e-3 * float(plain.W.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="precondition"):
+        fit_logreg(*args, precondition=True)
 
 
 def test_reused_bases_give_the_same_fit_and_follow_changes(monkeypatch):
@@ -148,16 +164,16 @@ def test_reused_bases_give_the_same_fit_and_follow_changes(monkeypatch):
 
     X, y = _problem(n=150, d=20, C=5)
     Xt, yt, l2 = torch.from_numpy(X)[None], torch.from_numpy(y)[None], torch.tensor([[1e-2]])
-    fresh = fit_logreg(Xt, yt, l2, precondition=True)
+    fresh = fit_logreg(Xt, yt, l2, precondition="principal")
     computed = []
     original = solver._compute_basis
     monkeypatch.setattr(solver, "_compute_basis", lambda *a: computed.append(1) or original(*a))
     with solver.reuse_bases():
-        first = fit_logreg(Xt, yt, l2, precondition=True)
-        again = fit_logreg(Xt[:, :], yt, l2, precondition=True)  # a new view of the same memory: reused
+        first = fit_logreg(Xt, yt, l2, precondition="principal")
+        again = fit_logreg(Xt[:, :], yt, l2, precondition="principal")  # a new view of the same memory: reused
         assert len(computed) == 1
         Xt[0, 0, 0] += 1.0  # changed in place: computed anew
-        changed = fit_logreg(Xt, yt, l2, precondition=True)
+        changed = fit_logreg(Xt, yt, l2, precondition="principal")
         assert len(computed) == 2
     assert solver._reused_bases is None
     for fit in (first, again):

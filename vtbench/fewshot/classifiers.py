@@ -277,7 +277,7 @@ def _lr_scores(kernels: _Kernels, batch: EpisodeBatch, C: float):
     def solve(X, rows=slice(None)):
         return fit_logreg(X, batch.support_labels[rows], l2[rows], sample_mask=mask[rows],
                           class_mask=batch.class_mask[rows], num_classes=batch.class_mask.shape[1],
-                          tol=LR_TOL, history=LR_HISTORY)
+                          tol=LR_TOL, history=LR_HISTORY, precondition="diagonal")
 
     def direct(rows=slice(None)):
         fit = solve(feats[batch.support_rows[rows]], rows)

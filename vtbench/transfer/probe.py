@@ -186,7 +186,7 @@ def _batched_fit(X, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit
         init_g = None if init is None else tuple(t[lo : lo + group] for t in init)
         fits.append(fit_logreg(Xg, y[None].expand(len(Xg), -1), l2[lo : lo + group], init=init_g,
                                class_mask=class_mask[None].expand(len(Xg), -1), num_classes=num_classes,
-                               tol=tol, max_iter=SOLVER_MAX_ITER, precondition=True))
+                               tol=tol, max_iter=SOLVER_MAX_ITER, precondition="principal"))
     return _concat_fits(fits, dim=0)
 
 

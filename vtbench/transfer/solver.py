@@ -18,12 +18,15 @@ How it works:
    the samples (``X_c^T = Q R``, so ``X_c = R^T Q^T``): an L2-regularised
    optimum lies in that span and the rotation preserves ``||W||``, so each
    problem shrinks from ``d`` to ``n`` dimensions with the same solution.
-   With ``precondition``, the features are further rotated onto their principal
-   axes (also norm-preserving) and L-BFGS works on weights scaled per axis
-   (:func:`_axis_scale`), so that low-variance axes are not crawled along: on
-   anisotropic features this halves the iterations or better. It costs one
-   eigendecomposition per feature matrix (``reuse_bases`` shares it between
-   calls on the same features), which is why few-shot episodes go without.
+   With ``precondition``, L-BFGS works on weights scaled per axis
+   (:func:`_axis_scale`), so that low-variance axes are not crawled along.
+   ``"principal"`` first rotates the features onto their principal axes (also
+   norm-preserving): on anisotropic features this halves the iterations or
+   better, at one eigendecomposition per feature matrix (``reuse_bases`` shares
+   it between calls on the same features). ``"diagonal"`` scales the axes the
+   features already have, for the price of their column variances. It suits
+   many small problems, such as few-shot episodes, where an eigendecomposition
+   each costs more than the iterations it saves.
 2. A batched L-BFGS (history 10, two-loop recursion, initial inverse
    Hessian ``gamma * I`` with ``gamma = s'y / y'y`` from the newest pair). Every
    problem keeps its own history, its own step size and its own Armijo
@@ -65,12 +68,16 @@ _WOLFE_DELTA, _WOLFE_SIGMA, _WOLFE_EPS = 0.1, 0.9, 1e-6
 # Convergence measure ||grad|| / max(l2 ||W||, _FLOOR * ||grad at 0||): the floor only matters when the
 # optimal weights are ~0 (no signal in the features), where l2 ||W|| cannot serve as the scale.
 _FLOOR = 1e-4
-# Preconditioning (fit_logreg's precondition) scales principal axis i by (variance_i + C * l2) ** -power.
+# Preconditioning (fit_logreg's precondition) scales axis i by (variance_i + C * l2) ** -power.
 # 1/2 would equalise the curvature a * variance + l2 that the softmax has at the start, but fitted
-# softmaxes saturate along the high-variance axes, where the curvature then grows more slowly. Measured
-# with the probe's grid and refit (benchmarks/probe_speed.py): on the synthetic problem, power 1/2 took
-# 16.4 s and 1/4 took 14.2 s (no preconditioning: 30.3 s); on Lite0 Caltech-101, 5.1 s and 3.8 s (none: 3.6 s).
-_PRECONDITION_POWER = 0.25
+# softmaxes saturate along the high-variance axes, where the curvature then grows more slowly.
+# principal: measured with the probe's grid and refit (benchmarks/probe_speed.py): on the synthetic
+# problem, power 1/2 took 16.4 s and 1/4 took 14.2 s (no preconditioning: 30.3 s); on Lite0
+# Caltech-101, 5.1 s and 3.8 s (none: 3.6 s).
+# diagonal: measured on 600 Meta-Dataset episodes of Lite0 Caltech-101 (benchmarks/fewshot_speed.py's
+# episodes): mean L-BFGS iterations 10.1 without, 6.8 at power 1/4, 5.8 at 3/8, 6.2 at 1/2, 7.6 at 5/8;
+# fixed 5-way 5-shot 4.9 without, 4.0, 3.3, 3.9.
+_PRECONDITION_POWER = {"principal": 0.25, "diagonal": 0.375}
 # The stopping rule in words, for result records.
 CRITERION = "||grad|| <= tol * max(l2 ||W||, 1e-4 ||grad at 0||)"
 # Below this many multiply-adds per function evaluation (problems x samples x parameters), a CPU
@@ -108,7 +115,7 @@ class _Basis:
     Z: torch.Tensor  # (P, n, r + 1); padding rows are zero
     mu: torch.Tensor  # (P, d)
     U: torch.Tensor | None  # (P, d, r) orthonormal columns, or None for the identity (r = d)
-    variance: torch.Tensor | None = None  # (P, r): the features' variance along each axis (principal axes only)
+    variance: torch.Tensor | None = None  # (P, r): the features' variance along each axis (when preconditioned)
 
 
 # Set inside reuse_bases(): the bases computed so far, keyed by their inputs' memory (see _basis_key).
@@ -120,7 +127,7 @@ def reuse_bases():
     """Within this block, fits on the same feature tensor (unchanged) share one basis computation.
 
     A probe's grid runs several ``fit_logreg`` calls on the same features (coarse to fine with warm
-    starts); with ``precondition`` each basis costs a covariance and its eigendecomposition.
+    starts); with ``precondition="principal"`` each basis costs a covariance and its eigendecomposition.
     """
     global _reused_bases
     outer, _reused_bases = _reused_bases, {} if _reused_bases is None else _reused_bases
@@ -136,17 +143,17 @@ def _basis_key(X: torch.Tensor) -> tuple:
     return (X.data_ptr(), X.shape, X.stride(), X.dtype, X.device, X._version)
 
 
-def _basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Tensor, principal: bool = False) -> _Basis:
+def _basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Tensor, precondition: str | None = None) -> _Basis:
     if _reused_bases is None:
-        return _compute_basis(X, sample_mask, n_valid, principal)
-    key = (_basis_key(X), principal)
+        return _compute_basis(X, sample_mask, n_valid, precondition)
+    key = (_basis_key(X), precondition)
     hit = _reused_bases.get(key)
     if hit is None or not torch.equal(hit[2], sample_mask):
-        hit = _reused_bases[key] = (_compute_basis(X, sample_mask, n_valid, principal), X, sample_mask.clone())
+        hit = _reused_bases[key] = (_compute_basis(X, sample_mask, n_valid, precondition), X, sample_mask.clone())
     return hit[0]
 
 
-def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Tensor, principal: bool) -> _Basis:
+def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Tensor, precondition: str | None) -> _Basis:
     P, n, d = X.shape
     weight = sample_mask.to(X.dtype)[..., None]
     mu = (X * weight).sum(1) / n_valid[:, None]
@@ -156,11 +163,13 @@ def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Te
         Q, R = torch.linalg.qr(Xc.transpose(1, 2))  # Xc^T = Q R: Q (d, n) orthonormal, Xc = R^T Q^T
         U, Xc = Q, R.transpose(1, 2)
     variance = None
-    if principal:  # rotate onto the principal axes (eigenvectors of the covariance): W's norm is unchanged
+    if precondition == "principal":  # rotate onto the principal axes (eigenvectors of the covariance): W's norm is unchanged
         variance, V = torch.linalg.eigh(Xc.transpose(1, 2) @ Xc / n_valid[:, None, None])
         Xc = Xc @ V
         U = V if U is None else U @ V
         variance = variance.clamp_min(0)
+    elif precondition == "diagonal":  # padding rows of Xc are zero
+        variance = Xc.square().sum(1) / n_valid[:, None]
     Z = torch.cat([Xc, weight], dim=2).contiguous()
     return _Basis(Z=Z, mu=mu, U=U, variance=variance)
 
@@ -317,7 +326,7 @@ def fit_logreg(
     tol: float = 1e-2,
     init: LogRegFit | tuple[torch.Tensor, torch.Tensor] | None = None,
     history: int = 10,
-    precondition: bool = False,
+    precondition: str | None = None,
 ) -> LogRegFit:
     """Solve ``P x G`` L2-regularised multinomial logistic regressions at once (see the module doc).
 
@@ -327,12 +336,16 @@ def fit_logreg(
     bool, False marks classes a problem does not have (their logit is -inf);
     tol: stop at ``||grad|| <= tol * l2 * ||W||`` (weights within a relative
     ``tol`` of the optimum); init: a previous fit or ``(W, b)`` to start from;
-    precondition: rotate onto principal axes and scale them (same solutions, fewer
-    iterations on anisotropic features, one eigendecomposition per feature matrix).
+    precondition: ``"principal"`` rotates onto principal axes and scales them (same
+    solutions, fewer iterations on anisotropic features, one eigendecomposition per
+    feature matrix); ``"diagonal"`` scales the features' own axes (no rotation, for
+    many small problems); None: neither.
     Runs on ``X.device`` in float32.
     """
     if X.dim() != 3:
         raise ValueError(f"X must be (P, n, d), got {tuple(X.shape)}")
+    if precondition not in (None, *_PRECONDITION_POWER):
+        raise ValueError(f"precondition must be None, 'principal' or 'diagonal', not {precondition!r}")
     P, n, d = X.shape
     X = X.float()
     device = X.device
@@ -380,14 +393,15 @@ def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, h
     P, n, d = X.shape
     G = l2.shape[1]
     device = X.device
-    basis = _basis(X, sample_mask, n_valid, principal=precondition)
+    basis = _basis(X, sample_mask, n_valid, precondition)
     objective = _Objective(basis.Z, y, sample_mask, class_mask, n_valid, l2, G)
     r1 = basis.Z.shape[2]
     K, D = P * G, basis.Z.shape[2] * C
     every = torch.arange(K, device=device)
-    # L-BFGS runs on v = W / scale. Without preconditioning the scale is 1; with it, each principal axis is
-    # scaled so that the objective's curvature is about the same along every axis (see _axis_scale).
-    scale = _axis_scale(basis, l2, class_mask) if precondition else torch.ones(K, r1, 1, dtype=X.dtype, device=device)
+    # L-BFGS runs on v = W / scale. Without preconditioning the scale is 1; with it, each axis is scaled
+    # so that the objective's curvature is about the same along every axis (see _axis_scale).
+    scale = (_axis_scale(basis, l2, class_mask, _PRECONDITION_POWER[precondition]) if precondition
+             else torch.ones(K, r1, 1, dtype=X.dtype, device=device))
 
     def evaluate(idx, v):
         """Loss and gradient with respect to ``v`` (both flat) of problems ``idx``."""
@@ -495,17 +509,18 @@ def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, h
     )
 
 
-def _axis_scale(basis: _Basis, l2: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
-    """Per-problem scale ``(P*G, r+1, 1)`` of each principal axis (and of the bias, last) for L-BFGS's variables.
+def _axis_scale(basis: _Basis, l2: torch.Tensor, class_mask: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-problem scale ``(P*G, r+1, 1)`` of each axis (and of the bias, last) for L-BFGS's variables.
 
     Along a principal axis of variance ``e``, the objective's curvature is at most about ``a * e + l2``,
     where ``a`` is the softmax's (about ``1 / C`` at the start); along the centred bias it is about ``a``.
-    Axis ``i`` is scaled by ``(e_i + C * l2) ** -_PRECONDITION_POWER`` and the bias by 1, which evens out
-    the curvatures L-BFGS sees (fully at power 1/2, see _PRECONDITION_POWER).
+    Axis ``i`` is scaled by ``(e_i + C * l2) ** -power`` and the bias by 1, which evens out the
+    curvatures L-BFGS sees (fully at power 1/2, see _PRECONDITION_POWER). On axes that are not
+    principal the same scale evens out the diagonal of the curvature only.
     """
     P, G = l2.shape
     tau = l2 * class_mask.sum(1, keepdim=True).to(l2.dtype)  # (P, G)
-    axes = (basis.variance[:, None, :] + tau[:, :, None]).pow(-_PRECONDITION_POWER)  # (P, G, r)
+    axes = (basis.variance[:, None, :] + tau[:, :, None]).pow(-power)  # (P, G, r)
     return torch.cat([axes, torch.ones_like(axes[..., :1])], dim=2).reshape(P * G, -1, 1)
 
 
