@@ -159,6 +159,17 @@ def test_errors(caches, tmp_path):
         run_fewshot(MODEL, "aircraft", "cls[-1]", episodes=tmp_path / "bad.json", cache_dir=caches)
 
 
+def test_a_class_split_too_small_for_the_sampler_points_to_classes_all(tmp_path):
+    # 20 aircraft classes scale Meta-Dataset's 70/15/15 to 14/3/3: three test classes, fewer than md's 5 ways.
+    caches = write_synthetic(tmp_path / "caches", num_classes=20)
+    with pytest.raises(VTError, match=r"aircraft's test classes give 3 of 3 \(its 20 classes split 14/3/3 "
+                                      r"train/val/test\); pass --classes all"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", "md", episodes=5, classifier="ncc", cache_dir=caches, save=False)
+    (rec,) = run_fewshot(MODEL, "aircraft", "cls[-1]", "md", episodes=5, classifier="ncc", classes="all",
+                         cache_dir=caches, save=False)
+    assert rec["fewshot"]["classes"]["num_classes"] == 20
+
+
 def test_cli(caches, tmp_path, capsys):
     args = ["fewshot", "-m", MODEL, "-d", "aircraft", "--tokens", "cls[-1]", "cls[-2:]", "--sampler", "fixed",
             "--shots", "1", "5", "--queries", "3", "--episodes", "12", "--classifier", "ncc",

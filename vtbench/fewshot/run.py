@@ -251,6 +251,13 @@ def _sample(dataset_name: str, pool: Pool, subset: str, samplers: list, num_epis
     sets, excluded = [], {}
     for s in samplers:
         usable, too_small = eligible_classes(pool.labels, chosen_labels, s)
+        if len(usable) < s.min_classes and len(chosen) < len(pool.class_names):
+            # Say that the class split, not the data, is what runs short (a small copy of a dataset, say).
+            raise VTError(
+                f"the '{s.name}' sampler needs at least {s.min_classes} classes with >= {s.min_images_per_class} "
+                f"images each; {dataset_name}'s {class_info['subset']} classes give {len(usable)} of {len(chosen)} "
+                f"(its {len(pool.class_names)} classes split {'/'.join(map(str, class_info['sizes']))} "
+                f"train/val/test); pass --classes all to draw from every class")
         if too_small:
             excluded[s.protocol] = [pool.class_names[c] for c in too_small]
         sets.append(EpisodeSet(s, seed, sample_episodes(pool.labels, usable, s, num_episodes, seed)))
