@@ -171,6 +171,21 @@ def test_notes_trace_every_number(results):
     assert "the paper reported the maximum over epochs (--metric top1_max_over_epochs)" in notes
 
 
+def test_variant_notes_describe_every_part():
+    from vtbench.report.leaderboard import variant_note
+
+    assert variant_note("ncc+center+C0.1+nol2+300ep+q5+classes-all+splits-train-test") == (
+        "ncc+center+C0.1+nol2+300ep+q5+classes-all+splits-train-test: nearest centroid (cosine similarity to "
+        "the support-class means), features centred on the episode's support mean (SimpleShot), C = 0.1 "
+        "(default 1), features not L2-normalised, 300 episodes, 5 queries per class, episodes drawn from every "
+        "class of the dataset, episodes drawn from splits train, test")
+    assert variant_note("lr+classes-val+file-1a2b3c4d") == (
+        "lr+classes-val+file-1a2b3c4d: logistic regression fitted on each episode's support set, episodes drawn "
+        "from the dataset's val classes, episodes replayed from a file (sha256 1a2b3c4d...)")
+    assert variant_note("lr+mystery") == ("lr+mystery: logistic regression fitted on each episode's support set, "
+                                          "mystery (no description registered; see the records)")
+
+
 def test_metric_max_over_epochs_shows_paper_numbers(results):
     board = build_leaderboard(load(results), metric="top1_max_over_epochs")
     assert [s.task for s in board.sections] == ["probe"]

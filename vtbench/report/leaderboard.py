@@ -61,10 +61,23 @@ PROTOCOL_METRIC_NOTES = {
     ("ipvit", "top1_max_over_epochs"): "shown: the maximum test top-1 over the epochs, as the paper reported",
 }
 
+# What each "+"-separated part of a variant name means (vtbench.fewshot.run._variant, vtbench.transfer.probe._variant).
 VARIANT_NOTES = {
     "lr": "logistic regression fitted on each episode's support set",
     "ncc": "nearest centroid (cosine similarity to the support-class means)",
+    "center": "features centred on the episode's support mean (SimpleShot)",
+    "nol2": "features not L2-normalised",
+    "raw": "logistic probe on raw (unstandardised) features",
+    "classes-all": "episodes drawn from every class of the dataset",
 }
+_VARIANT_PATTERNS = (
+    (re.compile(r"^C([0-9.eE+-]+)$"), lambda c: f"C = {c} (default 1)"),
+    (re.compile(r"^(\d+)ep$"), lambda n: f"{n} episodes"),
+    (re.compile(r"^q(\d+)$"), lambda n: f"{n} queries per class"),
+    (re.compile(r"^classes-(\w+)$"), lambda subset: f"episodes drawn from the dataset's {subset} classes"),
+    (re.compile(r"^splits-(.+)$"), lambda splits: "episodes drawn from splits " + ", ".join(splits.split("-"))),
+    (re.compile(r"^file-([0-9a-f]+)$"), lambda sha: f"episodes replayed from a file (sha256 {sha}...)"),
+)
 
 _FIXED_EPISODES = re.compile(r"^fewshot-(\d+)w(\d+)s$")
 _PATH_SUFFIXES = (".csv", ".tsv", ".json", ".txt")
@@ -319,6 +332,20 @@ def dataset_labels(specs: list[str]) -> dict[str, str]:
             level[s] += 1
 
 
+def variant_note(variant: str) -> str:
+    """``variant: what it means``, one clause per ``+``-separated part (unknown parts: see the records)."""
+    clauses = []
+    for part in variant.split("+"):
+        note = VARIANT_NOTES.get(part)
+        for pattern, describe in _VARIANT_PATTERNS if note is None else ():
+            m = pattern.match(part)
+            if m:
+                note = describe(m.group(1))
+                break
+        clauses.append(note or f"{part} (no description registered; see the records)")
+    return f"{variant}: " + ", ".join(clauses)
+
+
 def protocol_note(protocol: str, metric: str) -> str:
     """One line saying what a protocol is (and what its number means under ``metric``)."""
     desc = PROTOCOL_NOTES.get(protocol)
@@ -534,8 +561,7 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
     notes.append("Protocols: " + "; ".join(protocols) + ".")
     variants = sorted({r.get("variant", "") for r in records} - {""})
     if variants:
-        described = [f"{v}: {VARIANT_NOTES.get(v, 'no description registered (see the records)')}" for v in variants]
-        notes.append("Variants: " + "; ".join(described) + ".")
+        notes.append("Variants: " + "; ".join(variant_note(v) for v in variants) + ".")
 
     weights = sorted({(r["model"], r["weights"].get("source", ""), r["weights"]["sha256"]) for r in records})
     notes.append(
