@@ -356,6 +356,7 @@ def _kernel_basis(kernel: torch.Tensor, mask: torch.Tensor) -> _KernelBasis:
     L, info = torch.linalg.cholesky_ex(K)
     # A tiny pivot (near-duplicate support features) would amplify float32 rounding in L^-T V.
     ok = (info == 0) & (torch.diagonal(L, dim1=1, dim2=2).square().amin(1) > MIN_PIVOT * c[:, 0])
-    L = torch.where(ok[:, None, None], L, torch.eye(S, dtype=L.dtype, device=L.device))
+    if not bool(ok.all()):  # (in place: a torch.where over every episode's factor would cost a full pass)
+        L[~ok] = torch.eye(S, dtype=L.dtype, device=L.device)
     shift = (c / n) * torch.linalg.solve_triangular(L, m[..., None], upper=False)[..., 0]
     return _KernelBasis(L=L, query=query, shift=shift, mask=mask, ok=ok)
