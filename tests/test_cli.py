@@ -36,3 +36,20 @@ def test_help_and_no_arguments_still_print_the_help(capsys):
 def test_a_command_that_succeeds_exits_0(capsys):
     code, out, _ = _run(["datasets"], capsys)
     assert code == 0 and "gtsrb" in out
+
+
+def test_a_device_that_is_not_here_is_a_user_error_in_every_command(monkeypatch, capsys):
+    import torch
+
+    from vtbench.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    # Each command resolves the device before it reads anything, so no cache or dataset is needed here.
+    for argv in (["extract", "-m", "test_vit", "-d", "digits", "--random-init", "--device", "cuda"],
+                 ["probe", "-m", "test_vit", "-d", "digits", "--tokens", "cls[-1]", "--device", "cuda:0"],
+                 ["fewshot", "-m", "test_vit", "-d", "digits", "--tokens", "cls[-1]", "--device", "cuda"]):
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and err.startswith("error: --device cuda") and "CUDA is not available" in err, err
+    code, _, err = _run(["fewshot", "-m", "test_vit", "-d", "digits", "--device", "mps"], capsys)
+    assert code == 2 and err == "error: unknown device 'mps'; use auto, cpu or cuda\n"

@@ -378,7 +378,7 @@ def plan(suite: Suite) -> list[Step]:
 
 
 def _build_backbones(suite: Suite, device: str | None) -> list:
-    from vtbench.extract.run import resolve_device
+    from vtbench.device import resolve_device
     from vtbench.models import create_backbone
 
     dev = resolve_device(device)

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 import vtbench
+from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.extract.cache import (
     FORMAT_VERSION,
@@ -75,16 +76,6 @@ class ExtractReport:
             text += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(i for i, _ in self.skipped[:5])
             text += " ..." if len(self.skipped) > 5 else ""
         return text
-
-
-def resolve_device(device: str | None) -> "torch.device":
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise VTError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    return torch.device(device)
 
 
 def cache_meta(backbone, imageset, transform_desc: dict, *, norm: bool, dtype: str, precision: str) -> dict:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.fewshot.samplers import Episode
 
@@ -89,16 +90,6 @@ class EpisodeBatch:
         return EpisodeBatch(
             s_rows, self.support_labels.gather(1, s_order), self.support_mask.gather(1, s_order),
             q_rows, self.query_labels.gather(1, q_order), self.query_mask.gather(1, q_order), self.class_mask)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (or None) picks CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise VTError(f"unknown device '{device}'; use auto, cpu or cuda") from None
 
 
 @dataclass

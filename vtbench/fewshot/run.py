@@ -17,8 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from vtbench.device import resolve_device
 from vtbench.errors import VTError
-from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies, resolve_device
+from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
@@ -163,6 +164,7 @@ def run_fewshot(
         raise VTError("--center applies to the ncc classifier only")
     if C <= 0:
         raise VTError(f"C must be positive, got {C}")
+    device_used = str(resolve_device(device))
     info = dataset_info(dataset)
     dataset = canonical_spec(dataset)
     if isinstance(episodes, str) and episodes.strip().isdigit():
@@ -195,7 +197,6 @@ def run_fewshot(
 
         ref = pool.caches[0].meta
         results_root = results_dir(results)
-        device_used = str(resolve_device(device))
         lib_versions = store.versions()
         records = []
         for spec in specs:

@@ -447,7 +447,7 @@ def run_probe(
     from vtbench import results as store
     from vtbench.allocator import keep_freed_memory
     from vtbench.data import dataset_info
-    from vtbench.extract.run import resolve_device
+    from vtbench.device import resolve_device
     from vtbench.paths import results_dir as default_results_dir
 
     keep_freed_memory()  # as vt does: batched solves reuse large blocks
