@@ -201,6 +201,16 @@ def test_cli_extract_and_cache_commands(folder, tmp_path, vt):
     assert verify.returncode == 1 and "key" in verify.stdout
 
 
+def test_nothing_to_extract_is_a_user_error_not_a_silent_success(tmp_path):
+    make_imagefolder(tmp_path / "imgs", splits=("extra",))
+    with pytest.raises(VTError, match=r"has none of the splits train, val, test \(found: extra\); name the ones"):
+        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", **tiny(out=tmp_path / "out"))
+    with pytest.raises(VTError, match="--split names none"):
+        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", " , ", **tiny(out=tmp_path / "out"))
+    (report,) = extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", "extra", **tiny(out=tmp_path / "out"))
+    assert report.n > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--random-init", "--dataset", "no-such-dataset"], "no-such-dataset"),
     (["--random-init", "--dataset", "imagefolder:/does/not/exist"], "/does/not/exist"),

@@ -301,8 +301,14 @@ def extract(
         wanted = [info.train_split, info.val_split, info.test_split]
         present = available_splits(dataset, root)
         splits = [s for s in dict.fromkeys(wanted) if s and s in present]
+        if not splits:
+            shown = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "")
+            raise VTError(f"{dataset} has none of the splits {', '.join(s for s in dict.fromkeys(wanted) if s)} "
+                          f"(found: {shown or 'none'}); name the ones to extract with --split")
     elif isinstance(splits, str):
         splits = [s.strip() for s in splits.split(",") if s.strip()]
+    if not splits:
+        raise VTError("no split to extract: --split names none")
     root_dir = cache_dir(out)
     use_amp = amp and dev.type == "cuda"
     precision = "bf16-autocast" if use_amp else "fp32"
