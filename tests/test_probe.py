@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,17 @@ def test_token_spec_reads_exactly_the_concatenated_blocks(tmp_path):
     part = split.subset(np.array([1, 4]), "x").features(parse_spec("cls[-4:]"))
     np.testing.assert_array_equal(part, got[[1, 4]])
     caches.close()
+
+
+def test_token_spec_blocks_are_checked_not_clamped():
+    assert parse_spec("cls[-4:]").resolve({"cls": 6}) == [("cls", b) for b in (2, 3, 4, 5)]
+    assert parse_spec("cls[0:6]+patch[-6]").resolve({"cls": 6, "patch": 6}) == [("cls", b) for b in range(6)] + [
+        ("patch", 0)]
+    for spec, message in (("cls[-4:]", "-4 is out of range; this cache has 3 'cls' blocks"),  # not the last four
+                          ("cls[1:7]", "7 is out of range"), ("cls[3]", "block 3 is out of range"),
+                          ("cls[2:2]", "selects no blocks")):
+        with pytest.raises(VTError, match=re.escape(message)):
+            parse_spec(spec).resolve({"cls": 3})
 
 
 def test_default_knn_ipvit_records(toy, tmp_path):

@@ -12,7 +12,9 @@ blocks' class tokens, concatenated in block order), ``patch[-1]`` (last block's
 mean patch token), ``cls[-4:]+patch[-1]``, ``cls[3]``, ``cls[all]``,
 ``prelogits`` (the model's pre-logit feature), ``stage[-1]`` (a CNN's last
 stage, globally average-pooled). Indices are Python-style, so negative values
-count from the last block and slices exclude their end.
+count from the last block and slices exclude their end; unlike Python, a slice
+bound beyond the blocks is an error rather than clamped (``cls[-4:]`` on a
+3-block model is not "the last four blocks").
 
 A spec is parsed once (:func:`parse_spec`) and resolved against what a cache
 holds (:meth:`TokenSpec.resolve`), which turns it into concrete
@@ -62,6 +64,13 @@ class Term:
                     f"this cache has {num_blocks} '{self.kind}' blocks (0..{num_blocks - 1})"
                 )
             return [idx % num_blocks]
+        for bound in (self.start, self.stop):
+            # Python would clamp, but cls[-4:] on a 3-block model is not the last four blocks: say so.
+            if bound is not None and not -num_blocks <= bound <= num_blocks:
+                raise VTError(
+                    f"token spec '{self}': {bound} is out of range; "
+                    f"this cache has {num_blocks} '{self.kind}' blocks (0..{num_blocks - 1})"
+                )
         picked = list(range(num_blocks))[slice(self.start, self.stop)]
         if not picked:
             raise VTError(
