@@ -53,3 +53,11 @@ def test_a_device_that_is_not_here_is_a_user_error_in_every_command(monkeypatch,
         assert code == 2 and err.startswith("error: --device cuda") and "CUDA is not available" in err, err
     code, _, err = _run(["fewshot", "-m", "test_vit", "-d", "digits", "--device", "mps"], capsys)
     assert code == 2 and err == "error: unknown device 'mps'; use auto, cpu or cuda\n"
+
+
+def test_a_path_that_cannot_be_created_is_one_line_and_exit_code_2(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = _run(["extract", "-m", "test_vit", "-d", "digits", "--random-init", "--split", "test",
+                         "--no-progress", "--out", str(blocker / "cache")], capsys)
+    assert code == 2 and err.startswith("error: [Errno") and str(blocker) in err and err.count("\n") == 1, err

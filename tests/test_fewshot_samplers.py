@@ -114,6 +114,8 @@ def test_too_few_classes_or_images_is_a_clear_error():
         sample_episodes(labels, usable, FixedSampler(5, 5, 26), 10, seed=0)
     with pytest.raises(VTError, match="--shots must be at least 1"):
         FixedSampler(5, 0, 15)
+    with pytest.raises(VTError, match="--ways must be at least 2, got 1"):  # a 1-way episode is always right
+        FixedSampler(1, 5, 15)
 
 
 def test_sampler_params_round_trip():

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a path that cannot be created, read or written (permissions, a full disk)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except typer.Abort:  # end of input at a prompt
         print("aborted", file=sys.stderr)
         sys.exit(1)

@@ -111,9 +111,10 @@ class FixedSampler:
     name = "fixed"
 
     def __post_init__(self):
-        for field in ("ways", "shots", "queries"):
-            if getattr(self, field) < 1:
-                raise VTError(f"fixed sampler: --{field} must be at least 1, got {getattr(self, field)}")
+        # One way would be a classification without a choice: every query right.
+        for field, least in (("ways", 2), ("shots", 1), ("queries", 1)):
+            if getattr(self, field) < least:
+                raise VTError(f"fixed sampler: --{field} must be at least {least}, got {getattr(self, field)}")
 
     @property
     def min_images_per_class(self) -> int:
