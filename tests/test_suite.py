@@ -74,6 +74,10 @@ def test_ipvit_dry_run_lists_the_full_grid(vt):
     ({"models": [{"model": "resnet50", "tokens": ["cls[-1"]}]}, "models[0].tokens"),
     ({"datasets": ["nope"]}, "datasets[0]"),
     ({"leaderboard": {"plots": ["pie"]}}, "unknown plot 'pie'"),
+    # values each command would refuse, caught when the suite loads rather than after its first extraction
+    ({"probe": {"protocol": ["default", "linear"]}}, "probe: unknown protocol 'linear'"),
+    ({"fewshot": {"sampler": "fixed", "ways": 1}}, "fewshot: fixed sampler: --ways must be at least 2"),
+    ({"extract": {"batch_size": 0}}, "extract: --batch-size must be at least 1"),
 ])
 def test_bad_suites_fail_up_front_with_one_line(tmp_path, vt, change, needle):
     path = write_suite(tmp_path, **change)

@@ -15,6 +15,7 @@ it stopped, and ``--dry-run`` prints the plan with what is already done.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -273,7 +274,27 @@ def load_suite(path: str | os.PathLike | None = None) -> Suite:
                 parse_spec(spec)
             except VTError as exc:
                 raise VTError(f"{source}: models[{i}].tokens: {exc}") from None
+    _check_values(suite, source)
     return suite
+
+
+def _check_values(suite: Suite, source: str) -> None:
+    """Run each section through the checks its command makes, so that a bad value stops the suite before it
+    extracts anything rather than at its first probe."""
+    from vtbench.extract.run import check_extract_options
+    from vtbench.fewshot.run import check_fewshot_options
+    from vtbench.transfer.probe import check_probe_options
+
+    for section, options, check in (("extract", suite.extract, check_extract_options),
+                                    ("probe", suite.probe, check_probe_options),
+                                    ("fewshot", suite.fewshot, check_fewshot_options)):
+        if options is None:
+            continue
+        checked = inspect.signature(check).parameters
+        try:
+            check(**{k: v for k, v in options.items() if k in checked})
+        except VTError as exc:
+            raise VTError(f"{source}: {section}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the plan

@@ -244,6 +244,21 @@ def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
     return out
 
 
+def check_extract_options(*, dtype: str = "float16", on_error: str = "skip", batch_size: int = 64,
+                          transform: str = "model") -> None:
+    """Raise VTError for any of these options ``extract`` would refuse (suites check theirs with it when they load)."""
+    from vtbench.models.transforms import MODES
+
+    if dtype not in ("float16", "float32"):
+        raise VTError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if on_error not in ("skip", "fail"):
+        raise VTError(f"--on-error must be skip or fail, not {on_error!r}")
+    if batch_size < 1:
+        raise VTError("--batch-size must be at least 1")
+    if transform not in MODES:
+        raise VTError(f"unknown transform mode '{transform}'; use one of: {', '.join(MODES)}")
+
+
 def extract(
     model,
     dataset: str,
@@ -288,12 +303,7 @@ def extract(
     from vtbench.models import build_transform
 
     keep_freed_memory()  # every batch would otherwise page-fault its activations afresh (3x slower on CPU)
-    if dtype not in ("float16", "float32"):
-        raise VTError(f"--dtype must be float16 or float32, not {dtype!r}")
-    if on_error not in ("skip", "fail"):
-        raise VTError(f"--on-error must be skip or fail, not {on_error!r}")
-    if batch_size < 1:
-        raise VTError("--batch-size must be at least 1")
+    check_extract_options(dtype=dtype, on_error=on_error, batch_size=batch_size, transform=transform)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     dev = resolve_device(device)
     if splits is None:

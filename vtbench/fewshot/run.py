@@ -23,7 +23,7 @@ from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
-from vtbench.fewshot.splits import class_split, default_subset
+from vtbench.fewshot.splits import SUBSETS, class_split, default_subset
 from vtbench.paths import results_dir
 from vtbench.tokens import TokenSpec, parse_spec
 from vtbench.transfer.solver import CRITERION
@@ -156,19 +156,13 @@ def run_fewshot(
 
     t0 = time.perf_counter()
     specs = [parse_spec(t) for t in _as_list(tokens)]
+    check_fewshot_options(sampler=sampler, classifier=classifier, episodes=episodes, ways=ways, shots=shots,
+                          queries=queries, classes=classes, center=center, C=C)
     classifiers = _as_list(classifier)
-    for name in classifiers:
-        if name not in CLASSIFIERS:
-            raise VTError(f"unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}")
-    if center and "ncc" not in classifiers:
-        raise VTError("--center applies to the ncc classifier only")
-    if C <= 0:
-        raise VTError(f"C must be positive, got {C}")
     device_used = str(resolve_device(device))
     info = dataset_info(dataset)
     dataset = canonical_spec(dataset)
-    if isinstance(episodes, str) and episodes.strip().isdigit():
-        episodes = int(episodes)
+    episodes = _episode_count(episodes)
     episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
     splits = _as_list(split) if split else None
     filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype)
@@ -265,6 +259,38 @@ def _sample(dataset_name: str, pool: Pool, subset: str, samplers: list, num_epis
     if excluded:
         class_info = dict(class_info, excluded_too_few_images=excluded)
     return sets, class_info
+
+
+def check_fewshot_options(*, sampler: str = "md", classifier: str | Sequence[str] = "lr",
+                          episodes: int | str | os.PathLike = DEFAULT_EPISODES, ways: int = 5,
+                          shots: int | Sequence[int] = (1, 5), queries: int = DEFAULT_QUERIES,
+                          classes: str | None = None, center: bool = False, C: float = 1.0) -> None:
+    """Raise VTError for any option ``run_fewshot`` would refuse, before any cache is read (suites check theirs
+    with it when they load)."""
+    classifiers = _as_list(classifier)
+    for name in classifiers:
+        if name not in CLASSIFIERS:
+            raise VTError(f"unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}")
+    if center and "ncc" not in classifiers:
+        raise VTError("--center applies to the ncc classifier only")
+    if C <= 0:
+        raise VTError(f"C must be positive, got {C}")
+    if classes is not None and classes not in SUBSETS:
+        raise VTError(f"unknown --classes '{classes}'; use one of {', '.join(SUBSETS)}")
+    count = _episode_count(episodes)
+    if isinstance(count, (int, np.integer)):
+        if count < 1:
+            raise VTError(f"--episodes must be at least 1, got {count}")
+        _samplers(sampler, ways, shots, queries)  # a replayed file brings its own sampler
+    elif not Path(count).is_file():
+        raise VTError(f"--episodes {count}: not a count, and no such episodes file")
+
+
+def _episode_count(episodes):
+    """An episode count as an int (also from a string of digits), else the episodes file as given."""
+    if isinstance(episodes, str) and episodes.strip().lstrip("-").isdigit():
+        return int(episodes)
+    return episodes
 
 
 def _samplers(sampler: str, ways: int, shots, queries: int) -> list:

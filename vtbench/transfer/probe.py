@@ -403,6 +403,15 @@ def _run_protocol(protocol: str, task: Task) -> list[dict]:
     return _knn(task)
 
 
+def check_probe_options(*, protocol: str | Sequence[str] = "default") -> list[str]:
+    """The protocols asked for, once each; VTError for an unknown one (suites check theirs with it when they load)."""
+    protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise VTError(f"unknown protocol '{(unknown or [''])[0]}'; choose from {', '.join(PROTOCOLS)}")
+    return protocols
+
+
 def _variant(protocol: str, standardize: bool) -> str:
     """Protocol detail that changes the number: raw (unstandardised) features for the logistic probes."""
     return "" if standardize or protocol not in ("default", "sklearn") else "raw"
@@ -453,10 +462,7 @@ def run_probe(
     keep_freed_memory()  # as vt does: batched solves reuse large blocks
 
     say = log or (lambda msg: None)
-    protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or not protocols:
-        raise VTError(f"unknown protocol '{(unknown or [''])[0]}'; choose from {', '.join(PROTOCOLS)}")
+    protocols = check_probe_options(protocol=protocol)
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     specs = [parse_spec(t) for t in tokens]
     if not specs and not per_block:
