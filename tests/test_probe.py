@@ -124,6 +124,18 @@ def test_default_knn_ipvit_records(toy, tmp_path):
     assert stored["metrics"] == default["metrics"] and stored["selection"]["grid"] == list(L2_GRID)
 
 
+def test_long_runs_say_how_far_they_are(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(probe_module, "PROGRESS_EVERY_S", 0.0)  # every epoch counts as long here
+    lines = []
+    run_probe(MODEL, "dtd", ["cls[-1]"], ["default", "ipvit"], cache_dir=toy, results_dir=tmp_path, device="cpu",
+              log=lines.append)
+    assert any(line.startswith("  selected l2 on ") and "refitting on train+val" in line for line in lines)
+    epochs = [line for line in lines if line.startswith("  epoch ")]
+    total = probe_module.IPVIT["epochs"]
+    assert [e.split()[1] for e in epochs] == [f"{k}/{total}" for k in range(1, total)]
+    assert all("s left" in e for e in epochs)
+
+
 def test_specs_batched_together_equal_each_alone(toy, tmp_path, monkeypatch):
     specs = ["cls[-1]", "cls[2]", "cls[-4:]+patch[-1]", "patch[0:2]"]
     together = run_probe(MODEL, "dtd", specs, cache_dir=toy, results_dir=tmp_path / "a", device="cpu")

@@ -53,6 +53,9 @@ IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "
 PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
 
 
+PROGRESS_EVERY_S = 10.0  # the ipvit epochs report progress at most this often
+
+
 @dataclass
 class Task:
     """What one protocol run gets: the specs, the splits, and the run settings."""
@@ -65,6 +68,7 @@ class Task:
     seed: int
     device: torch.device
     standardize: bool
+    say: Callable[[str], None] = lambda msg: None  # progress lines for long runs
 
     def refit_split(self) -> Split:
         """train+val as one split (the refit after selection)."""
@@ -256,6 +260,7 @@ def _logistic(task: Task, backend: str) -> list[dict]:
     best = torch.tensor([max(range(len(L2_GRID)), key=lambda g: (float(val_top1[p, g]), L2_GRID[g])) for p in range(P)])
     t_select = time.perf_counter() - t0
     del X_tr, X_va
+    task.say(f"  selected l2 on {len(task.val)} val images in {t_select:.1f}s; refitting on train+val")
 
     t0 = time.perf_counter()
     both = task.refit_split()
@@ -333,8 +338,13 @@ def _ipvit(task: Task) -> list[dict]:
     opt = torch.optim.AdamW([W, b], lr=IPVIT["lr"], weight_decay=IPVIT["weight_decay"])
     shuffle = torch.Generator().manual_seed(task.seed)
     n = len(y)
-    epochs = []
-    for _ in range(IPVIT["epochs"]):
+    epochs, last_said = [], t0
+    for epoch in range(IPVIT["epochs"]):
+        now = time.perf_counter()
+        if epoch and now - last_said > PROGRESS_EVERY_S:  # long runs (large datasets on a CPU) say how far they are
+            left = (now - t0) / epoch * (IPVIT["epochs"] - epoch)
+            task.say(f"  epoch {epoch}/{IPVIT['epochs']} after {now - t0:.0f}s, about {left:.0f}s left")
+            last_said = now
         order = torch.randperm(n, generator=shuffle).to(dev)
         for lo in range(0, n, IPVIT["batch_size"]):
             rows = order[lo : lo + IPVIT["batch_size"]]
@@ -539,7 +549,7 @@ def run_probe(
             say(f"{proto}: {len(todo)} token spec(s) on {meta['dataset']} ({len(train)} train, "
                 f"{len(val) if val is not None else 0} val, {len(test)} test)")
             t0 = time.perf_counter()
-            task = Task(todo, train, val, test, len(ref.class_names), seed, dev, standardize)
+            task = Task(todo, train, val, test, len(ref.class_names), seed, dev, standardize, say)
             outcomes = _run_protocol(proto, task)
             total = time.perf_counter() - t0
             splits = {"train": train.description or train.names, "test": test.names}
