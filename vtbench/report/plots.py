@@ -68,7 +68,8 @@ def plot_per_block(
     ]
     if not candidates:
         raise VTError(
-            f"no per-block probe results (cls[i], patch[i], stage[i]) with protocol '{protocol}' and metric '{metric}'"
+            f"no per-block probe results (cls[i], patch[i], stage[i]) with protocol '{protocol}' and metric "
+            f"'{metric}'; make them with 'vt probe --per-block'"
         )
     spec = _pick_dataset(candidates, dataset)
     records = [r for r in candidates if r["dataset"] == spec]
