@@ -146,7 +146,6 @@ class _BatchImages:
             return f"{type(exc).__name__}: {exc}".strip()
 
     def __getitem__(self, i: int):
-        import numpy as np
         import torch
 
         start, stop = self.batches[i]
@@ -247,7 +246,7 @@ def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
 def check_extract_options(*, dtype: str = "float16", on_error: str = "skip", batch_size: int = 64,
                           transform: str = "model") -> None:
     """Raise VTError for any of these options ``extract`` would refuse (suites check theirs with it when they load)."""
-    from vtbench.models.transforms import MODES
+    from vtbench.models.transforms import check_transform_mode
 
     if dtype not in ("float16", "float32"):
         raise VTError(f"--dtype must be float16 or float32, not {dtype!r}")
@@ -255,8 +254,7 @@ def check_extract_options(*, dtype: str = "float16", on_error: str = "skip", bat
         raise VTError(f"--on-error must be skip or fail, not {on_error!r}")
     if batch_size < 1:
         raise VTError("--batch-size must be at least 1")
-    if transform not in MODES:
-        raise VTError(f"unknown transform mode '{transform}'; use one of: {', '.join(MODES)}")
+    check_transform_mode(transform)
 
 
 def extract(
@@ -308,12 +306,12 @@ def extract(
     dev = resolve_device(device)
     if splits is None:
         info = dataset_info(dataset)
-        wanted = [info.train_split, info.val_split, info.test_split]
+        wanted = [s for s in dict.fromkeys([info.train_split, info.val_split, info.test_split]) if s]
         present = available_splits(dataset, root)
-        splits = [s for s in dict.fromkeys(wanted) if s and s in present]
+        splits = [s for s in wanted if s in present]
         if not splits:
             shown = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "")
-            raise VTError(f"{dataset} has none of the splits {', '.join(s for s in dict.fromkeys(wanted) if s)} "
+            raise VTError(f"{dataset} has none of the splits {', '.join(wanted)} "
                           f"(found: {shown or 'none'}); name the ones to extract with --split")
     elif isinstance(splits, str):
         splits = [s.strip() for s in splits.split(",") if s.strip()]

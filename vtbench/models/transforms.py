@@ -106,6 +106,12 @@ def _triple(name: str, value, channels: int, positive: bool) -> list[float]:
     return values
 
 
+def check_transform_mode(mode: str) -> None:
+    """VTError unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise VTError(f"unknown transform mode '{mode}'; use one of: {', '.join(MODES)}")
+
+
 def build_transform(
     data_config: dict,
     mode: str = "model",
@@ -124,8 +130,7 @@ def build_transform(
     normalised with the config's mean/std unless given. ``description`` is JSON-serialisable and
     identifies the transform in cache metadata.
     """
-    if mode not in MODES:
-        raise VTError(f"unknown transform mode '{mode}'; use one of: {', '.join(MODES)}")
+    check_transform_mode(mode)
     size = _input_size(data_config["input_size"] if input_size is None else input_size, data_config["input_size"][0])
     default_interpolation = IPVIT_INTERPOLATION if mode == "ipvit" else data_config.get("interpolation", "bicubic")
     interpolation = interpolation or default_interpolation

@@ -49,11 +49,9 @@ SOLVER_MEMORY_BYTES = 3 << 30  # specs are solved in groups whose L-BFGS history
 SKLEARN_MAX_ITER = 10000
 SKLEARN_REFINEMENTS = 4  # times sklearn's tol may be divided by 10 (warm-starting) to meet our tol
 IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
+PROGRESS_EVERY_S = 10.0  # the ipvit epochs report progress at most this often
 
 PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
-
-
-PROGRESS_EVERY_S = 10.0  # the ipvit epochs report progress at most this often
 
 
 @dataclass
