@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,11 +200,47 @@ def test_hf_parquet_folder_with_plain_labels(tmp_path, hf_cache):
     assert test.load(0).getpixel((0, 0)) == (60, 0, 195)
 
 
+def test_hf_hub_id_from_the_local_cache_without_network(tmp_path, hf_cache, monkeypatch):
+    """A cached hub id loads at once when the hub cannot be reached; an uncached one fails in one line."""
+    import datasets
+
+    import vtbench.network
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    data = tmp_path / "pq" / "data"
+    data.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": colour_images(4), "label": [0, 1, 1, 0]}, features=features).to_parquet(
+        str(data / "train-00000-of-00001.parquet"))
+    datasets.load_dataset(str(tmp_path / "pq"))  # prepares it in the Arrow cache
+    # Lay that cache entry out as `datasets` caches the hub dataset someone/toy.
+    prepared = next((tmp_path / "hf-cache" / "pq").glob("*/*/*/dataset_info.json")).parent
+    hub_entry = tmp_path / "hf-cache" / "someone___toy" / "default" / "0.0.0" / prepared.name
+    hub_entry.mkdir(parents=True)
+    (hub_entry / "dataset_info.json").write_bytes((prepared / "dataset_info.json").read_bytes())
+    (hub_entry / "toy-train.arrow").write_bytes((prepared / "pq-train.arrow").read_bytes())
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as on a machine whose network is down
+    probes = []
+    monkeypatch.setattr(vtbench.network, "host_reachable", lambda url, *a, **k: probes.append(url) or False)
+    start = time.perf_counter()
+    train = get_dataset("hf:someone/toy", "train")
+    assert time.perf_counter() - start < 10  # datasets alone retries for about 45 s first
+    assert probes and datasets.config.HF_HUB_OFFLINE  # switched to the local cache
+    assert train.labels.tolist() == [0, 1, 1, 0] and train.load(2).getpixel((0, 0)) == (40, 0, 215)
+    with pytest.raises(VTError, match=r"hf: someone/other is not in the local datasets cache .* and offline mode "
+                                      r"is set .*; pass a save_to_disk folder") as info:
+        get_dataset("hf:someone/other", "train")
+    assert "\n" not in str(info.value)
+
+
 def test_hf_errors(tmp_path, hf_cache, monkeypatch):
     with pytest.raises(VTError, match="hf: unknown option split"):
         canonical_spec("hf:x?split=train")
-    with pytest.raises(VTError, match="hf: cannot open"):
+    with pytest.raises(VTError, match="hf: no folder .*empty-dir-that-is-not-there; expected NAME: a save_to_disk"):
         get_dataset(f"hf:{tmp_path / 'empty-dir-that-is-not-there'}", "train")
+    (tmp_path / "not-a-dataset").mkdir()
+    with pytest.raises(VTError, match="hf: cannot open .*not-a-dataset: "):
+        get_dataset(f"hf:{tmp_path / 'not-a-dataset'}", "train")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(VTError, match="pip install datasets"):
         get_dataset("hf:someone/something", "train")

