@@ -82,6 +82,41 @@ def test_reuse_force_and_new_key(folder):
     assert all(np.array_equal(content[k], recomputed[k]) for k in content)  # deterministic
 
 
+def test_a_second_run_waits_for_the_writer_of_the_same_cache_then_reuses_it(folder, tmp_path):
+    """Two runs of the same cache: the second waits for the first's lock and never touches its files."""
+    (made,) = extract(VIT, folder, "train", **tiny())
+    content = read_all(made.path)
+    aside = tmp_path / "made.h5"
+    made.path.rename(aside)
+    # Another process holds the lock (as a running `vt extract` does), then puts the finished cache in place.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from vtbench.extract.cache import CacheLock\n"
+        f"lock = CacheLock({str(made.path)!r}).acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(1.5)\n"
+        f"os.replace({str(aside)!r}, {str(made.path)!r})\n"
+        "lock.release()\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        messages = []
+        start = time.perf_counter()
+        (second,) = extract(VIT, folder, "train", log=messages.append, **tiny())
+        waited = time.perf_counter() - start
+    finally:
+        holder.wait(30)
+    assert holder.returncode == 0
+    assert messages == [f"waiting for another process (pid {holder.pid}) that is writing {made.path}"]
+    assert second.reused and second.path == made.path and waited > 0.5
+    assert all(np.array_equal(content[k], v) for k, v in read_all(second.path).items())
+    assert not list(made.path.parent.glob(".*.lock"))  # released locks leave no file
+
+    # A lock file left by a killed run is not held by anyone: it does not block.
+    (made.path.parent / f".{made.path.name}.lock").write_text("999999")
+    (forced,) = extract(VIT, folder, "train", log=messages.append, **tiny(force=True))
+    assert not forced.reused and len(messages) == 1
+
+
 def test_float16_default_chunks_under_1mib(folder):
     (report,) = extract(VIT, folder, "train", **tiny())
     with h5py.File(report.path, "r") as f:

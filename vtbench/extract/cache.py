@@ -15,7 +15,9 @@ writes only touch raw data, never HDF5 metadata. Rows are marked written in
 ``row_status`` only after their features have been flushed, so a run killed at
 any moment (even ``kill -9``) leaves a file whose marked rows are correct. The
 file lives at ``<name>.partial.h5`` until it is complete, then is renamed to
-``<name>.h5``; a partial file is never opened as complete.
+``<name>.h5``; a partial file is never opened as complete. One process at a
+time writes a cache (:class:`CacheLock`); another that wants the same cache
+waits for it, then reuses what it made.
 """
 
 from __future__ import annotations
@@ -263,6 +265,62 @@ class CacheWriter:
         if self._f.id.valid:
             self.commit()
             self._f.close()
+
+
+class CacheLock:
+    """An exclusive lock on one cache path, held by the process that creates, resumes or replaces it.
+
+    ``fcntl.flock`` on a hidden file beside the cache (``.<name>.h5.lock``, holding the owner's
+    pid), removed on release. The lock dies with its process, so a killed run never leaves a
+    stale one. Without it, a second ``vt extract`` of the same cache would take the first one's
+    partial file for an unreadable leftover and delete it. Where ``fcntl`` is missing (Windows)
+    nothing is locked.
+    """
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.path = self.final.with_name(f".{self.final.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self, on_wait=None) -> "CacheLock":
+        """Take the lock, waiting for its holder; ``on_wait(message)`` is called once if it has to wait."""
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    on_wait(f"waiting for another process (pid {holder}) that is writing {self.final}")
+                    on_wait = None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # The previous holder removes the file before unlocking: lock the file that is on disk now.
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        """Give the lock up (a no-op when not held)."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a stale file and retries
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
 
 def _now() -> str:

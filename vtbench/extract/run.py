@@ -35,6 +35,7 @@ from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.extract.cache import (
     FORMAT_VERSION,
+    CacheLock,
     CacheWriter,
     Layout,
     cache_key,
@@ -353,34 +354,48 @@ def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds
     """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass."""
     import torch
 
-    reports, jobs = [], []
+    planned = []
     for bb, fn, desc in members:
         layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
         meta = cache_meta(bb, imageset, desc, norm=norm, dtype=dtype, precision=precision)
         meta["token_kinds"] = sorted(layout)
         meta["key"] = cache_key(meta)
-        final = cache_path(root_dir, meta)
-        if force:
-            final.unlink(missing_ok=True)
-            partial_path(final).unlink(missing_ok=True)
-        if final.exists():
-            reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"], len(imageset), reused=True))
-            continue
-        writer = CacheWriter.open(root_dir, meta, Layout(layout), imageset.labels, imageset.image_ids,
-                                  imageset.class_names, batch_size)
-        jobs.append((bb, writer, set(layout)))
-    if not jobs:
-        return reports
+        planned.append((bb, layout, meta, cache_path(root_dir, meta)))
+    # Taken in path order, so that two runs wanting overlapping caches cannot deadlock.
+    locks = {final: CacheLock(final) for final in sorted({p[3] for p in planned})}
+    reports, jobs = [], []
+    try:
+        for lock in locks.values():
+            lock.acquire(on_wait=say)
+        for bb, layout, meta, final in planned:
+            if force:
+                final.unlink(missing_ok=True)
+                partial_path(final).unlink(missing_ok=True)
+            if final.exists():  # (also when another run made it while this one waited for the lock)
+                reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"],
+                                             len(imageset), reused=True))
+                locks[final].release()
+                continue
+            writer = CacheWriter.open(root_dir, meta, Layout(layout), imageset.labels, imageset.image_ids,
+                                      imageset.class_names, batch_size)
+            jobs.append((bb, writer, set(layout)))
+        if not jobs:
+            return reports
 
-    transform = members[0][1]
-    # Resumed files keep their own batch grid; files on different grids cannot share batches.
-    grids: dict[int, list] = {}
-    for job in jobs:
-        grids.setdefault(job[1].batch_size, []).append(job)
-    for grid_jobs in grids.values():
-        reports.extend(_run_batches(grid_jobs, imageset, transform, norm=norm, workers=workers, device=device,
-                                    amp=amp, on_error=on_error, progress=progress, say=say))
-    return reports
+        transform = members[0][1]
+        # Resumed files keep their own batch grid; files on different grids cannot share batches.
+        grids: dict[int, list] = {}
+        for job in jobs:
+            grids.setdefault(job[1].batch_size, []).append(job)
+        for grid_jobs in grids.values():
+            reports.extend(_run_batches(grid_jobs, imageset, transform, norm=norm, workers=workers, device=device,
+                                        amp=amp, on_error=on_error, progress=progress, say=say))
+        return reports
+    finally:
+        for _, writer, _ in jobs:
+            writer.close()  # (a no-op for finished or already closed files)
+        for lock in locks.values():
+            lock.release()
 
 
 def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_error, progress, say):
