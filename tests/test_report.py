@@ -171,6 +171,17 @@ def test_notes_trace_every_number(results):
     assert "the paper reported the maximum over epochs (--metric top1_max_over_epochs)" in notes
 
 
+def test_store_files_that_are_not_json_are_reported_not_dropped(results):
+    board = build_leaderboard(load(results))
+    (results / "torn.json").write_text('{"schema": ')  # e.g. a hand edit gone wrong
+    (results / "episodes.json").write_text('{"format": "vtbench-episodes"}')  # valid JSON, not a record
+    table = load(results)
+    assert table.unreadable == [str(results / "torn.json")]
+    notes = build_leaderboard(table).notes
+    assert notes[:-1] == board.notes
+    assert notes[-1] == f"Not read: 1 file in the results store that is not valid JSON: {results / 'torn.json'}."
+
+
 def test_variant_notes_describe_every_part():
     from vtbench.report.leaderboard import variant_note
 

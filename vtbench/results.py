@@ -122,6 +122,7 @@ class ResultsTable:
     """All records of a store, with light filtering and a pandas view."""
 
     records: list[dict] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # paths of .json files that are not valid JSON
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,7 +142,7 @@ class ResultsTable:
                     return False
             return True
 
-        return ResultsTable([r for r in self.records if keep(r)])
+        return ResultsTable([r for r in self.records if keep(r)], self.unreadable)
 
     def rows(self) -> list[dict]:
         """One flat dict per record: identity fields plus every metric."""
@@ -160,15 +161,20 @@ class ResultsTable:
 
 
 def load(root: str | os.PathLike) -> ResultsTable:
-    """Read every record under ``root`` (sorted by path, so the order is stable)."""
+    """Read every record under ``root`` (sorted by path, so the order is stable).
+
+    Other JSON files (episodes files, say) are passed over; files that are not valid JSON are
+    listed in ``unreadable`` (records are written atomically, so vtbench itself leaves none).
+    """
     root = Path(root)
-    records = []
+    records, unreadable = [], []
     for path in sorted(root.rglob("*.json")) if root.exists() else []:
         try:
             rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            unreadable.append(str(path))
             continue
         if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
             rec["_path"] = str(path)
             records.append(rec)
-    return ResultsTable(records)
+    return ResultsTable(records, unreadable)

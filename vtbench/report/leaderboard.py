@@ -401,6 +401,10 @@ def _as_list(values) -> list | None:
     return [values] if isinstance(values, str) else list(values)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _listing(values, limit: int = 12) -> str:
     """'a, b, c' for an error message, cut after ``limit`` items."""
     values = list(values)
@@ -509,6 +513,9 @@ def build_leaderboard(
     sections = [_build_section(task, _metric_for(task, metric), by_task[task]) for task in tasks]
     used = [r for task in tasks for r in by_task[task]]
     notes = _notes(sections, used, hidden_per_block, lacking, metric)
+    if table.unreadable:
+        notes.append(f"Not read: {_count(len(table.unreadable), 'file')} in the results store that "
+                     f"{'is' if len(table.unreadable) == 1 else 'are'} not valid JSON: {_listing(table.unreadable, 3)}.")
     return Leaderboard(sections=sections, notes=notes)
 
 
@@ -607,11 +614,11 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
     notes.append(f"vtbench version{'s' if len(versions) > 1 else ''}: {', '.join(versions)}.")
     if hidden_per_block:
         notes.append(
-            f"Not shown: {hidden_per_block} per-block records (cls[i], patch[i], stage[i]); "
+            f"Not shown: {_count(hidden_per_block, 'per-block record')} (cls[i], patch[i], stage[i]); "
             "see 'vt plot per-block' or pass --tokens."
         )
     for task, n in sorted(lacking.items()):
-        notes.append(f"Not shown: {n} {task} records without metric {_metric_for(task, metric)}.")
+        notes.append(f"Not shown: {_count(n, task + ' record')} without metric {_metric_for(task, metric)}.")
     return notes
 
 
