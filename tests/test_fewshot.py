@@ -116,6 +116,11 @@ def test_save_and_replay_on_another_model(caches, tmp_path):
         assert x["episode_accuracies"] == y["episode_accuracies"]
         assert y["fewshot"]["episodes_source"]["sha256"] and y["variant"].startswith("ncc+file-")
 
+    # The file fixes the sampling: options that would be ignored are refused instead.
+    with pytest.raises(VTError, match=r"replays that file's episodes, which fix the sampler, classes and seed; "
+                                      r"drop --sampler, --shots, --seed$"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", "md", episodes=eps, shots=[1], seed=3, cache_dir=caches)
+
     # The same episodes on another model's caches: the features differ, the episodes do not.
     other = write_synthetic(tmp_path / "other", weights="cd" * 32, noise=3.0, seed=1)
     on_other = run_fewshot(MODEL, "aircraft", "cls[-1]", episodes=eps, classifier="ncc", cache_dir=other, save=False)

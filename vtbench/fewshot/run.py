@@ -114,15 +114,15 @@ def run_fewshot(
     model: str,
     dataset: str,
     tokens: str | Sequence[str] = "cls[-1]",
-    sampler: str = "md",
+    sampler: str | None = None,
     *,
     classifier: str | Sequence[str] = "lr",
     episodes: int | str | os.PathLike = DEFAULT_EPISODES,
-    ways: int = 5,
-    shots: int | Sequence[int] = (1, 5),
-    queries: int = DEFAULT_QUERIES,
+    ways: int | None = None,
+    shots: int | Sequence[int] | None = None,
+    queries: int | None = None,
     classes: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     split: str | Sequence[str] | None = None,
     l2_normalize: bool = True,
     center: bool = False,
@@ -140,11 +140,12 @@ def run_fewshot(
 ) -> list[dict]:
     """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier).
 
-    ``sampler`` is ``md`` (Meta-Dataset variable-way variable-shot) or ``fixed``
-    (``ways``-way, one run per entry of ``shots``, ``queries`` per class).
-    ``episodes`` is a count (drawn with ``seed``) or an episodes file to replay
-    (its sampler, seed and classes are used). ``classes`` picks the class split
-    (``test`` by default where one is defined, else ``all``). Records are saved
+    ``sampler`` is ``md`` (Meta-Dataset variable-way variable-shot, the default) or
+    ``fixed`` (``ways``-way, default 5; one run per entry of ``shots``, default 1 and 5;
+    ``queries`` per class, default 15). ``episodes`` is a count (drawn with ``seed``,
+    default 0) or an episodes file to replay, which fixes the sampler, classes and
+    seed itself (passing any of them too is an error). ``classes`` picks the class
+    split (``test`` by default where one is defined, else ``all``). Records are saved
     to the results store unless ``save=False``; with ``skip_existing`` a stored
     record is returned (marked ``"skipped": True``) instead of being recomputed.
     """
@@ -157,7 +158,8 @@ def run_fewshot(
     t0 = time.perf_counter()
     specs = [parse_spec(t) for t in _as_list(tokens)]
     check_fewshot_options(sampler=sampler, classifier=classifier, episodes=episodes, ways=ways, shots=shots,
-                          queries=queries, classes=classes, center=center, C=C)
+                          queries=queries, classes=classes, seed=seed, center=center, C=C)
+    sampler, ways, shots, queries, seed = _sampling_defaults(sampler, ways, shots, queries, seed)
     classifiers = _as_list(classifier)
     device_used = str(resolve_device(device))
     info = dataset_info(dataset)
@@ -261,12 +263,13 @@ def _sample(dataset_name: str, pool: Pool, subset: str, samplers: list, num_epis
     return sets, class_info
 
 
-def check_fewshot_options(*, sampler: str = "md", classifier: str | Sequence[str] = "lr",
-                          episodes: int | str | os.PathLike = DEFAULT_EPISODES, ways: int = 5,
-                          shots: int | Sequence[int] = (1, 5), queries: int = DEFAULT_QUERIES,
-                          classes: str | None = None, center: bool = False, C: float = 1.0) -> None:
+def check_fewshot_options(*, sampler: str | None = None, classifier: str | Sequence[str] = "lr",
+                          episodes: int | str | os.PathLike = DEFAULT_EPISODES, ways: int | None = None,
+                          shots: int | Sequence[int] | None = None, queries: int | None = None,
+                          classes: str | None = None, seed: int | None = None, center: bool = False,
+                          C: float = 1.0) -> None:
     """Raise VTError for any option ``run_fewshot`` would refuse, before any cache is read (suites check theirs
-    with it when they load)."""
+    with it when they load). ``None`` stands for an option left at its default."""
     classifiers = _as_list(classifier)
     for name in classifiers:
         if name not in CLASSIFIERS:
@@ -281,9 +284,24 @@ def check_fewshot_options(*, sampler: str = "md", classifier: str | Sequence[str
     if isinstance(count, (int, np.integer)):
         if count < 1:
             raise VTError(f"--episodes must be at least 1, got {count}")
-        _samplers(sampler, ways, shots, queries)  # a replayed file brings its own sampler
-    elif not Path(count).is_file():
+        _samplers(*_sampling_defaults(sampler, ways, shots, queries, seed)[:4])
+        return
+    if not Path(count).is_file():
         raise VTError(f"--episodes {count}: not a count, and no such episodes file")
+    given = [f"--{name}" for name, value in (("sampler", sampler), ("ways", ways), ("shots", shots),
+                                             ("queries", queries), ("classes", classes), ("seed", seed))
+             if value is not None]
+    if given:  # they would be ignored: the file's episodes are replayed as they are
+        raise VTError(f"--episodes {count} replays that file's episodes, which fix the sampler, classes and "
+                      f"seed; drop {', '.join(given)}")
+
+
+def _sampling_defaults(sampler, ways, shots, queries, seed) -> tuple:
+    """The sampling options with ``None`` replaced by their defaults (md; fixed 5-way 1 and 5 shots, 15
+    queries; seed 0)."""
+    return ("md" if sampler is None else sampler, 5 if ways is None else ways,
+            (1, 5) if shots is None else shots, DEFAULT_QUERIES if queries is None else queries,
+            0 if seed is None else seed)
 
 
 def _episode_count(episodes):
