@@ -333,6 +333,7 @@ def extract(
                 raise VTError(f"{bb.name} has no {', '.join(sorted(unknown))} features (it has: {', '.join(bb.layout)})")
         fn, desc = build_transform(bb.data_config, transform, input_size=input_size, crop_pct=crop_pct,
                                    interpolation=interpolation, mean=mean, std=std)
+        _check_input_size(bb, desc, dev)
         groups.setdefault(repr(sorted(desc.items())), []).append((bb, fn, desc))
 
     reports = []
@@ -347,6 +348,27 @@ def extract(
                 on_error=on_error, progress=progress, say=say,
             ))
     return reports
+
+
+def _check_input_size(bb, desc: dict, device) -> None:
+    """A one-line error, before any image is read, when the model cannot take the transform's input size.
+
+    Only sizes other than the model's own are tried (--input-size, or ipvit's 224 on a model made
+    for another size): ViTs with a fixed grid, patch sizes that do not divide it, etc.
+    """
+    import torch
+
+    size = tuple(desc["input_size"])
+    if size == tuple(bb.data_config["input_size"]):
+        return
+    try:
+        with torch.no_grad():
+            bb.features(torch.zeros(1, *size, device=device), norm=True)
+    except Exception as exc:  # timm raises AssertionError or RuntimeError, with a message worth passing on
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].rstrip(".")
+        own = bb.data_config["input_size"]
+        raise VTError(f"{bb.name} cannot take {size[1]}x{size[2]} inputs: {why} (its own input size is "
+                      f"{own[1]}x{own[2]})") from None
 
 
 def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds, batch_size, workers, device,
