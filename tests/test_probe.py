@@ -236,7 +236,8 @@ def test_cli_errors_incompatible_caches_and_tiny_classes(tmp_path, capsys):
     tiny = tmp_path / "tiny"
     write_toy(tiny, dataset="gtsrb", splits=("train", "test"), per_class={"train": 1, "test": 2})
     args = ["probe", "-m", MODEL, "-d", "gtsrb", "-t", "cls[-1]", "--cache-dir", str(tiny), "--results", str(tmp_path / "r")]
-    assert "fewer than 2 training examples" in _cli_error(args, capsys)
+    assert "5 classes have fewer than 2 training images (class0, class1, class2, class3, class4), too few" in (
+        _cli_error(args, capsys))
 
 
 @pytest.mark.shared

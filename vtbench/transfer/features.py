@@ -54,15 +54,18 @@ class Split:
         return len(self.labels)
 
 
-def stratified_holdout(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION,
+                       class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of row indices into (train, val): ``round(fraction * n_c)`` (at least 1) per class."""
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if (counts < 2).any():
-        few = classes[counts < 2]
+        few = [class_names[c] if class_names else str(c) for c in classes[counts < 2]]
+        shown = ", ".join(few[:5]) + (", ..." if len(few) > 5 else "")
         raise VTError(
-            f"{len(few)} classes have fewer than 2 training examples (e.g. class {int(few[0])}), too few to hold out "
-            f"a {fraction:.0%} validation split; use a dataset with an official validation split or more examples"
+            f"{len(few)} class{'es have' if len(few) > 1 else ' has'} fewer than 2 training images ({shown}), too "
+            f"few to hold out a {fraction:.0%} validation split; use a dataset with an official validation split "
+            f"or more images"
         )
     rng = np.random.default_rng(seed)
     val = []

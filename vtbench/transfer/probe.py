@@ -525,7 +525,7 @@ def run_probe(
             elif val_name is not None:
                 val = caches.split([val_name])
             else:
-                tr_rows, va_rows = stratified_holdout(train.labels, seed)
+                tr_rows, va_rows = stratified_holdout(train.labels, seed, class_names=ref.class_names)
                 desc = f"{VAL_FRACTION:.0%} of {'+'.join(train_names)} (stratified, seed {seed})"
                 val = train.subset(va_rows, desc)
                 train = train.subset(tr_rows, train_names)
