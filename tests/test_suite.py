@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,24 @@ def test_interrupted_suite_resumes_without_redoing_finished_work(tmp_path, monke
         assert p.stat().st_mtime_ns == stamp, f"{p} was recomputed"
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")} == caches
     assert all(s.done for s in plan(load_suite(path)))
+
+
+@pytest.mark.parametrize("change, needle", [
+    # gtsrb comes second: without the up-front check the first dataset would be extracted and probed first
+    (lambda s: s["datasets"].append("gtsrb"),
+     "gtsrb: no dataset root given; expected <root>/gtsrb/GTSRB/Training/000NN/*.ppm"),
+    (lambda s: s.update(roots={"gtsrb": "/no/such/dir"}) or s["datasets"].append("gtsrb"), "gtsrb: no folder /no/such/dir"),
+    (lambda s: s["models"][1]["tokens"].append("cls[3]"),
+     "vit_small_patch16_224 (random init, seed 1): token spec 'cls[3]': block 3 is out of range; this cache has 3"),
+    (lambda s: s["models"][0]["tokens"].append("stage[-1]"), "token spec 'stage[-1]': this cache has no 'stage'"),
+])
+def test_missing_data_and_absent_blocks_stop_the_suite_before_any_work(tmp_path, change, needle):
+    path = write_suite(tmp_path)
+    suite = yaml.safe_load(path.read_text())
+    change(suite)
+    path.write_text(yaml.safe_dump(suite))
+    messages = []
+    with pytest.raises(VTError, match=re.escape(needle)):
+        run_suite(load_suite(path), progress=False, log=messages.append)
+    assert not any(m.startswith("==") for m in messages)  # nothing was extracted or probed
+    assert not (tmp_path / "cache").exists()

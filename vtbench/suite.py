@@ -407,6 +407,31 @@ def _build_backbones(suite: Suite, device: str | None) -> list:
             for e in suite.models]
 
 
+def _check_inputs(suite: Suite, backbones: list, steps: list[Step]) -> None:
+    """Fail before any work on what would otherwise stop the suite midway: a dataset whose files are
+    missing (unless every cache it needs is already made), or a token spec a model does not have."""
+    from vtbench.data import available_splits
+    from vtbench.data.registry import checked_root
+    from vtbench.tokens import parse_spec
+
+    for dataset in suite.datasets:
+        if not all(s.done for s in steps if s.kind == "extract" and s.dataset == dataset):
+            try:
+                checked_root(dataset, suite.root_for(dataset), "give it under 'roots:' in the suite, or set $VT_DATA")
+                available_splits(dataset, suite.root_for(dataset))
+            except VTError as exc:
+                raise VTError(f"{suite.path}: {exc}") from None
+    wanted_kinds = suite.extract.get("kinds")
+    for entry, bb in zip(suite.models, backbones):
+        blocks = {kind: len(dims) for kind, dims in bb.layout.items() if not wanted_kinds or kind in wanted_kinds}
+        for section in (suite.probe, suite.fewshot):
+            for spec in _tokens(suite, entry, section) if section is not None else []:
+                try:
+                    parse_spec(spec).resolve(blocks)
+                except VTError as exc:
+                    raise VTError(f"{suite.path}: {entry.label}: {exc}") from None
+
+
 def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
               log: Callable[[str], Any] | None = None) -> list[Step]:
     """Run (or with ``dry_run`` only plan) a suite; returns the plan as it stood before running."""
@@ -425,6 +450,7 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
 
     ex = dict(suite.extract)
     backbones = _build_backbones(suite, ex.get("device"))
+    _check_inputs(suite, backbones, steps)
     selection = dict(transform=ex.get("transform", "model"), norm=ex.get("norm", True), dtype=ex.get("dtype", "float16"))
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")

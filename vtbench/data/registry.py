@@ -118,9 +118,12 @@ def list_datasets() -> list[DatasetInfo]:
     return [_REGISTRY[name].info for name in sorted(_REGISTRY)]
 
 
-def layout_error(info: DatasetInfo, problem: str) -> VTError:
+ROOT_HINT = "pass --root or set $VT_DATA"
+
+
+def layout_error(info: DatasetInfo, problem: str, root_hint: str = ROOT_HINT) -> VTError:
     """The one-line error for data that is not where the layout says it should be."""
-    hint = " (pass --root or set $VT_DATA)" if info.needs_root else ""
+    hint = f" ({root_hint})" if info.needs_root else ""
     return VTError(f"{info.name}: {problem}; expected {info.layout}{hint}")
 
 
@@ -133,6 +136,19 @@ def resolve_root(spec: str, root: str | os.PathLike | None = None) -> Path | Non
     if not entry.info.needs_root:
         return None
     return data_root(entry.info.name, root)
+
+
+def checked_root(spec: str, root: str | os.PathLike | None = None, root_hint: str = ROOT_HINT) -> Path | None:
+    """:func:`resolve_root`, resolved; a one-line layout error when a dataset that needs a root has none."""
+    info = dataset_info(spec)
+    if not info.needs_root:
+        return None
+    root_dir = data_root(info.name, root)
+    if root_dir is None:
+        raise layout_error(info, "no dataset root given", root_hint)
+    if not root_dir.is_dir():
+        raise layout_error(info, f"no folder {root_dir}", root_hint)
+    return root_dir.resolve()
 
 
 def available_splits(spec: str, root: str | os.PathLike | None = None) -> list[str]:
@@ -155,12 +171,4 @@ def get_dataset(spec: str, split: str, root: str | os.PathLike | None = None) ->
     info = entry.info
     if entry.discover_splits is None:
         check_split(canonical, split, info.splits)
-    root_dir = None
-    if info.needs_root:
-        root_dir = data_root(info.name, root)
-        if root_dir is None:
-            raise layout_error(info, "no dataset root given")
-        if not root_dir.is_dir():
-            raise layout_error(info, f"no folder {root_dir}")
-        root_dir = root_dir.resolve()
-    return entry.load(DatasetRequest(canonical, arg, split, root_dir))
+    return entry.load(DatasetRequest(canonical, arg, split, checked_root(spec, root)))
