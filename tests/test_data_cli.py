@@ -34,6 +34,8 @@ def test_details_without_root_only_describe(capsys):
     assert code == 0
     assert out.startswith("dtd:1\n")
     assert "the IPViT paper trained on train+val" in out and "pass --root DIR" in out
+    code, out, _ = run_vt(capsys, "datasets", "gtsrb")  # no official val split: probes hold out part of train
+    assert "train on train, validate on a seeded stratified 20% of train, test on test" in out
 
 
 def test_check_counts_images_per_split(tmp_path, capsys):
@@ -45,6 +47,11 @@ def test_check_counts_images_per_split(tmp_path, capsys):
     code, out, _ = run_vt(capsys, "datasets", f"imagefolder:{tmp_path}")
     assert code == 0
     assert "  train:    3 images, 2 classes present" in out and "  test:     2 images, 2 classes present" in out
+    assert "validate on a seeded stratified 20% of train," in out  # no val folder on disk
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a" / "0.png").write_bytes(b"")
+    code, out, _ = run_vt(capsys, "datasets", f"imagefolder:{tmp_path}")
+    assert "train on train, validate on val, test on test" in out
     code, out, _ = run_vt(capsys, "datasets", f"imagefolder:{tmp_path}", "--split", "test")
     assert "train:" not in out and "  classes:  2" in out
 

@@ -20,6 +20,7 @@ def datasets(
     """List every registered dataset, or show one; with a root, check its layout and count images per split."""
     from vtbench.data import available_splits, canonical_spec, dataset_info, get_dataset, list_datasets, resolve_root
     from vtbench.errors import VTError
+    from vtbench.transfer.features import VAL_FRACTION
 
     if spec is None:
         if root or split:
@@ -37,7 +38,13 @@ def datasets(
         typer.echo(f"  splits:   those found on disk (usually {', '.join(info.splits)})")
     else:
         typer.echo(f"  splits:   {', '.join(info.splits)}")
-    val = f"validate on {info.val_split}" if info.val_split else "no validation split"
+    val_split = info.val_split
+    if info.generic and val_split:  # generic sources have a val split only where one is on disk
+        try:
+            val_split = val_split if val_split in available_splits(spec, root) else None
+        except VTError:
+            pass  # not on disk (yet): reported below
+    val = f"validate on {val_split}" if val_split else f"validate on a seeded stratified {VAL_FRACTION:.0%} of train"
     typer.echo(f"  probes:   train on {info.train_split}, {val}, test on {info.test_split}; "
                f"the IPViT paper trained on {'+'.join(info.paper_train_splits)}")
     location = resolve_root(spec, root)
