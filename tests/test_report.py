@@ -292,6 +292,16 @@ def test_cli_leaderboard(results, tmp_path, capsys):
     (sec,) = json.loads(out.read_text())["sections"]
     assert [r["model"] for r in sec["rows"]] == [RN50]
 
+    # The short flags of vt probe / vt fewshot mean the same here.
+    filtered = []
+    for flags in (["--models", RN50, "--datasets", "dtd", "--protocol", "default", "--tokens", "stage[2]"],
+                  ["-m", RN50, "-d", "dtd", "-p", "default", "-t", "stage[2]"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["leaderboard", str(results), *flags])
+        assert exc.value.code == 0
+        filtered.append(capsys.readouterr().out)
+    assert filtered[0] == filtered[1] and f"`{RN50}`" in filtered[0]
+
 
 @pytest.mark.parametrize(
     "args, message",

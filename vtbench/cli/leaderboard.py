@@ -20,13 +20,13 @@ def leaderboard(
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown, csv or json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
     protocol: Optional[List[str]] = typer.Option(
-        None, "--protocol", help="Only these protocols (repeat or comma-separate)."
+        None, "--protocol", "-p", help="Only these protocols (repeat or comma-separate)."
     ),
     tokens: Optional[List[str]] = typer.Option(
-        None, "--tokens", help="Only these token specs (default: all but per-block ones like cls[3])."
+        None, "--tokens", "-t", help="Only these token specs (default: all but per-block ones like cls[3])."
     ),
-    models: Optional[List[str]] = typer.Option(None, "--models", "--model", help="Only these models."),
-    datasets: Optional[List[str]] = typer.Option(None, "--datasets", "--dataset", help="Only these datasets."),
+    models: Optional[List[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these models."),
+    datasets: Optional[List[str]] = typer.Option(None, "--datasets", "--dataset", "-d", help="Only these datasets."),
     metric: Optional[str] = typer.Option(
         None, "--metric", help="Metric to show (default: top1 for probes, accuracy for few-shot)."
     ),

@@ -19,10 +19,10 @@ _RESULTS_HELP = "Results directory (default: $VT_RESULTS or ./results)."
 @plot_app.command("per-block")
 def per_block(
     results_dir: Optional[Path] = typer.Argument(None, help=_RESULTS_HELP),
-    dataset: str = typer.Option(..., "--dataset", help="Dataset spec or short name (e.g. dtd)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset spec or short name (e.g. dtd)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output image (.png)."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "--model", help="Only these models."),
-    protocol: str = typer.Option("default", "--protocol", help="Probe protocol of the per-block records."),
+    models: Optional[List[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these models."),
+    protocol: str = typer.Option("default", "--protocol", "-p", help="Probe protocol of the per-block records."),
     metric: str = typer.Option("top1", "--metric", help="Metric on the y axis."),
 ) -> None:
     """Accuracy of each block's cls / patch / stage token, block by block."""
@@ -39,10 +39,10 @@ def per_block(
 def bars(
     results_dir: Optional[Path] = typer.Argument(None, help=_RESULTS_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output image (.png)."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "--model", help="Only these models."),
-    tokens: Optional[List[str]] = typer.Option(None, "--tokens", help="Only these token specs."),
-    protocol: Optional[List[str]] = typer.Option(None, "--protocol", help="Only these protocols."),
-    datasets: Optional[List[str]] = typer.Option(None, "--datasets", "--dataset", help="Only these datasets."),
+    models: Optional[List[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these models."),
+    tokens: Optional[List[str]] = typer.Option(None, "--tokens", "-t", help="Only these token specs."),
+    protocol: Optional[List[str]] = typer.Option(None, "--protocol", "-p", help="Only these protocols."),
+    datasets: Optional[List[str]] = typer.Option(None, "--datasets", "--dataset", "-d", help="Only these datasets."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Metric (default: top1 / few-shot accuracy)."),
 ) -> None:
     """Grouped bars: leaderboard rows side by side per dataset (few-shot with 95% CI error bars)."""
