@@ -17,7 +17,7 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["probe", "--bogus"], "error: No such option: --bogus (see 'vt probe --help')"),
     (["probe", "-m", "x", "-d", "y", "--tokens", "a", "--seed", "abc"], "error: Invalid value for '--seed'"),
-    (["plot", "per-block", "results"], "error: Missing option '--dataset'. (see 'vt plot per-block --help')"),
+    (["plot", "per-block", "results"], "error: Missing option '--dataset' / '-d'. (see 'vt plot per-block --help')"),
     (["no-such-command"], "error: No such command 'no-such-command'."),
 ])
 def test_bad_usage_is_one_line_and_exit_code_2(argv, message, capsys):

@@ -249,3 +249,36 @@ def test_real_dtd_default_matches_sklearn(lite0_cache_dir, tmp_path):
     assert abs(ours - ref) <= 1.0
     assert ours > 70  # 10 classes: chance is 10%; sklearn on these features gives about 85%
     assert all(recs[0]["solver"]["selection"]["converged"]) and recs[0]["solver"]["refit"]["converged"]
+
+
+def test_other_extraction_settings_are_other_results_never_reused(tmp_path):
+    """The same model and weights on caches made with another transform: a second result beside the first,
+    not an overwrite, and --skip-existing does not pass one off as the other."""
+    from vtbench.report.leaderboard import build_leaderboard
+
+    write_toy(tmp_path / "cache")
+    write_toy(tmp_path / "cache", transform="ipvit", seed=1)  # other features for the same images
+    kw = dict(cache_dir=tmp_path / "cache", results_dir=tmp_path / "r", skip_existing=True)
+    (model_tf,) = run_probe(MODEL, "dtd", "cls[-1]", transform="model", **kw)
+    (ipvit_tf,) = run_probe(MODEL, "dtd", "cls[-1]", transform="ipvit", **kw)
+    assert not ipvit_tf.get("skipped") and ipvit_tf["_path"] != model_tf["_path"]
+    assert ipvit_tf["metrics"]["top1"] != model_tf["metrics"]["top1"]
+    assert store.identity(ipvit_tf)["features"] != store.identity(model_tf)["features"]
+    assert run_probe(MODEL, "dtd", "cls[-1]", transform="ipvit", **kw) == []  # now stored: skipped
+
+    table = store.load(tmp_path / "r")
+    assert len(table) == 2
+    (section,) = build_leaderboard(table).sections
+    assert section.show_features and sorted(r.features_label for r in section.rows) == ["ipvit, float32",
+                                                                                       "model, float32"]
+    assert "| Features |" in build_leaderboard(table).to_markdown()
+
+    # Per-block curves of the two settings are two lines each (cls, patch), labelled by their setting.
+    from vtbench.report.plots import plot_per_block
+
+    for transform in ("model", "ipvit"):
+        run_probe(MODEL, "dtd", per_block=True, transform=transform, **kw)
+    fig = plot_per_block(store.load(tmp_path / "r"), "dtd", tmp_path / "pb.png")
+    assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == [
+        f"{MODEL} · ipvit, float32 · cls", f"{MODEL} · ipvit, float32 · patch",
+        f"{MODEL} · model, float32 · cls", f"{MODEL} · model, float32 · patch"]

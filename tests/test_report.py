@@ -29,6 +29,8 @@ RN50 = "resnet50"
 RN50_W = {"source": "hub:timm/resnet50.tv_in1k", "sha256": "abcdefabcdef" + "2" * 52}
 CALTECH = "imagefolder:/data/caltech101"
 PROBE_SPLITS = {"train": ["train", "val"], "test": ["test"]}
+MODEL_TRANSFORM = {"mode": "model", "input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
+                   "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def record(**fields) -> dict:
@@ -40,6 +42,10 @@ def record(**fields) -> dict:
         "seed": 0,
         "splits": PROBE_SPLITS,
         "caches": {},
+        "transform": MODEL_TRANSFORM,
+        "norm": True,
+        "dtype": "float16",
+        "precision": "fp32",
         "versions": {"vtbench": "0.1.0"},
         "created": "2026-01-01T00:00:00+0000",
     }
@@ -180,6 +186,15 @@ def test_store_files_that_are_not_json_are_reported_not_dropped(results):
     notes = build_leaderboard(table).notes
     assert notes[:-1] == board.notes
     assert notes[-1] == f"Not read: 1 file in the results store that is not valid JSON: {results / 'torn.json'}."
+
+
+def test_one_identity_in_two_files_keeps_the_newer(tmp_path):
+    rec = record(model=DEIT, weights=DEIT_W, dataset="gtsrb", tokens="cls[-1]", metrics={"top1": 50.0})
+    save(tmp_path, rec)
+    newer = dict(rec, metrics={"top1": 51.0}, created="2026-02-01T00:00:00+0000")
+    (tmp_path / "copied-in.json").write_text(json.dumps(dict(newer, schema="vtbench-result/1")))
+    (kept,) = load(tmp_path).records
+    assert kept["metrics"]["top1"] == 51.0 and kept["_path"] == str(tmp_path / "copied-in.json")
 
 
 def test_variant_notes_describe_every_part():

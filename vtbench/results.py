@@ -19,7 +19,7 @@ Record layout (``schema: vtbench-result/1``)::
       "seed": 0,
       "splits": {"train": ["train"], "val": ["val"], "test": ["test"]},
       "caches": {"train": [{"key": ..., "path": ..., "split": ...}], "test": [...]},
-      "transform": {...}, "norm": true, "dtype": "float16",
+      "transform": {...}, "norm": true, "dtype": "float16", "precision": "fp32",   # the caches' extraction
       "metrics": {"top1": 85.7, ...},          # percentages
       "selection": {...}, "solver": {...}, "timings": {...},
       "versions": {...}, "created": "..."
@@ -39,7 +39,10 @@ from typing import Iterator
 from vtbench.paths import atomic_write_bytes
 
 SCHEMA = "vtbench-result/1"
-IDENTITY_FIELDS = ("task", "model", "weights_sha256", "dataset", "tokens", "protocol", "variant", "seed")
+IDENTITY_FIELDS = ("task", "model", "weights_sha256", "features", "dataset", "tokens", "protocol", "variant", "seed")
+# The extraction settings of the caches a record was computed on: the same model and weights extracted with
+# another transform, final norm, dtype or forward precision give other features, hence another result.
+FEATURE_FIELDS = ("transform", "norm", "dtype", "precision")
 
 
 def versions() -> dict:
@@ -61,12 +64,46 @@ def versions() -> dict:
     }
 
 
+def features_id(record: dict) -> str:
+    """12 hex digits naming a record's extraction settings (:data:`FEATURE_FIELDS`)."""
+    settings = {k: record.get(k) for k in FEATURE_FIELDS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def features_label(record: dict, full: bool = False) -> str:
+    """The extraction settings in words: 'model 224px crop 0.875' (``full``: every setting)."""
+    t = record.get("transform")
+    if not t:
+        return "extraction settings not recorded"
+    size = (t.get("input_size") or [None, "?", "?"])[1:]
+    short = str(t.get("mode", "?"))
+    if t.get("input_size"):
+        short += f" {size[0]}px" if size[0] == size[1] else f" {size[0]}x{size[1]}px"
+    if t.get("mode") == "model" and t.get("crop_pct") is not None:
+        short += f" crop {t['crop_pct']:g}"
+    extras = [] if record.get("norm", True) else ["no final norm"]
+    if record.get("dtype") not in (None, "float16"):
+        extras.append(str(record["dtype"]))
+    if record.get("precision") not in (None, "fp32"):
+        extras.append(str(record["precision"]))
+    if not full:
+        return ", ".join([short] + extras)
+    mean = ", ".join(f"{v:g}" for v in t.get("mean") or [])
+    std = ", ".join(f"{v:g}" for v in t.get("std") or [])
+    return (f"{t.get('mode', '?')} transform {size[0]}x{size[1]} px"
+            + (f", {t.get('crop_mode', 'center')} crop {t['crop_pct']:g}" if t.get("crop_pct") is not None else ", no crop")
+            + f", {t.get('interpolation', '?')}, mean ({mean}), std ({std}); "
+            + ("--norm (ViTs: the final norm on every block)" if record.get("norm", True) else "--no-norm")
+            + f"; stored as {record.get('dtype', 'unrecorded dtype')}; forward in {record.get('precision') or 'unrecorded precision'}")
+
+
 def identity(record: dict) -> dict:
     """The fields that name a result: one file per distinct identity."""
     return {
         "task": record["task"],
         "model": record["model"],
         "weights_sha256": record["weights"]["sha256"],
+        "features": features_id(record),
         "dataset": record["dataset"],
         "tokens": record["tokens"],
         "protocol": record["protocol"],
@@ -165,9 +202,12 @@ def load(root: str | os.PathLike) -> ResultsTable:
 
     Other JSON files (episodes files, say) are passed over; files that are not valid JSON are
     listed in ``unreadable`` (records are written atomically, so vtbench itself leaves none).
+    Where two files hold the same identity (copied stores, or files written before the identity
+    named the extraction settings), the newer record is kept.
     """
     root = Path(root)
-    records, unreadable = [], []
+    records: dict[str, dict] = {}
+    unreadable = []
     for path in sorted(root.rglob("*.json")) if root.exists() else []:
         try:
             rec = json.loads(path.read_text())
@@ -176,5 +216,10 @@ def load(root: str | os.PathLike) -> ResultsTable:
             continue
         if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
             rec["_path"] = str(path)
-            records.append(rec)
-    return ResultsTable(records, unreadable)
+            try:
+                key = json.dumps(identity(rec), sort_keys=True)
+            except (KeyError, TypeError, AttributeError):
+                key = str(path)  # incomplete identity: kept as it is
+            if key not in records or str(rec.get("created", "")) >= str(records[key].get("created", "")):
+                records[key] = rec
+    return ResultsTable(sorted(records.values(), key=lambda r: r["_path"]), unreadable)

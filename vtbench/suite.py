@@ -341,13 +341,25 @@ def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[
     return wanted, done
 
 
-def _stored(records: list[dict], entry: ModelEntry, dataset: str, task: str) -> list[dict]:
+def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, task: str) -> list[dict]:
+    """Stored records of this entry and dataset made from caches with the suite's extraction settings."""
     from vtbench.data import canonical_spec
 
     wfilter = entry.weights_filter()
     canon = canonical_spec(dataset)
+    ex = suite.extract
+    wanted = {"mode": ex.get("transform", "model"), "norm": ex.get("norm", True), "dtype": ex.get("dtype", "float16")}
+
+    def same_features(r: dict) -> bool:
+        t = r.get("transform") or {}
+        if {"mode": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
+            return False
+        size = ex.get("input_size")
+        return size is None or list(t.get("input_size") or [])[1:] == [size, size]
+
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
-            and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))]
+            and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))
+            and same_features(r)]
 
 
 def _fewshot_protocols(options: dict) -> list[str]:
@@ -372,7 +384,7 @@ def plan(suite: Suite) -> list[Step]:
                               + (f" ({len(done)}/{len(wanted)} cached)" if done else ""), len(done) == len(wanted)))
         for entry in suite.models:
             if suite.probe is not None:
-                stored = _stored(records, entry, dataset, "probe")
+                stored = _stored(suite, records, entry, dataset, "probe")
                 for protocol in suite.probe.get("protocol") or ["default"]:
                     for spec in _tokens(suite, entry, suite.probe):
                         canon = str(parse_spec(spec))
@@ -382,7 +394,7 @@ def plan(suite: Suite) -> list[Step]:
                         n = sum(1 for r in stored if r["protocol"] == protocol and _PER_BLOCK.fullmatch(r["tokens"]))
                         steps.append(Step("probe", dataset, f"{entry.label} per-block {protocol} ({n} stored)", n > 0))
             if suite.fewshot is not None:
-                stored = _stored(records, entry, dataset, "fewshot")
+                stored = _stored(suite, records, entry, dataset, "fewshot")
                 for spec in _tokens(suite, entry, suite.fewshot):
                     canon = str(parse_spec(spec))
                     for protocol in _fewshot_protocols(suite.fewshot):

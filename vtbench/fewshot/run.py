@@ -207,6 +207,7 @@ def run_fewshot(
                         "protocol": episode_set.sampler.protocol,
                         "variant": _variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
                         "seed": episode_set.seed,
+                        **{k: ref.get(k) for k in store.FEATURE_FIELDS},
                     }
                     path = store.result_path(results_root, store.identity(record))
                     if skip_existing and path.exists():
@@ -343,9 +344,6 @@ def _details(scores, episode_set, pool, ref, classifier, l2_normalize, center, C
         "episode_accuracies": [round(float(a) * 100, 4) for a in accs],
         "splits": {"episodes": pool.splits},
         "caches": {"episodes": [{"key": c.key, "path": str(c.path), "split": c.meta["split"]} for c in pool.caches]},
-        "transform": ref.get("transform"),
-        "norm": ref.get("norm"),
-        "dtype": ref.get("dtype"),
         "fewshot": {
             "sampler": episode_set.sampler.params(),
             "classifier": clf,

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from vtbench.errors import VTError
-from vtbench.results import ResultsTable, load
+from vtbench.results import ResultsTable, features_id, features_label, load
 from vtbench.tokens import parse_spec
 
 SCHEMA = "vtbench-leaderboard/1"
@@ -107,6 +107,8 @@ class Row:
     variant: str
     seed: int
     cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
+    features: str = ""  # vtbench.results.features_id: the extraction settings of the caches
+    features_label: str = ""
     mean: float | None = None
     avg_rank: float | None = None
 
@@ -142,14 +144,24 @@ class Section:
         return any(len(s) > 1 for s in seen.values())
 
     @property
+    def show_features(self) -> bool:
+        """A features column only where a model and weights appear with more than one extraction setting."""
+        seen: dict[tuple, set[str]] = {}
+        for row in self.rows:
+            seen.setdefault((row.model, row.weights_sha256), set()).add(row.features)
+        return any(len(s) > 1 for s in seen.values())
+
+    @property
     def show_seed(self) -> bool:
         return len({r.seed for r in self.rows}) > 1
 
     def row_label(self, row: Row) -> str:
-        """One line naming a row (plot legends), with weights and seed only where the table shows them."""
+        """One line naming a row (plot legends), with weights, features and seed only where the table shows them."""
         parts = [row.model, row.tokens, row.protocol_label]
         if self.show_weights:
             parts.append(row.weights_label)
+        if self.show_features:
+            parts.append(row.features_label)
         if self.show_seed:
             parts.append(f"seed {row.seed}")
         return " · ".join(parts)
@@ -208,7 +220,8 @@ class Leaderboard:
                 if sec.has_ci:
                     with_ci.add(d)
         identity = [
-            "task", "metric", "model", "weights_source", "weights_sha256", "tokens", "protocol", "variant", "seed",
+            "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "tokens",
+            "protocol", "variant", "seed",
         ]
         header = list(identity)
         for d in datasets:
@@ -247,6 +260,8 @@ def _section_markdown(sec: Section) -> str:
     head = ["Model", "Tokens", "Protocol"]
     if sec.show_weights:
         head.append("Weights")
+    if sec.show_features:
+        head.append("Features")
     if sec.show_seed:
         head.append("Seed")
     id_cols = len(head)
@@ -266,6 +281,8 @@ def _section_markdown(sec: Section) -> str:
         cols = [f"`{row.model}`", f"`{row.tokens}`", row.protocol_label]
         if sec.show_weights:
             cols.append(row.weights_label)
+        if sec.show_features:
+            cols.append(row.features_label)
         if sec.show_seed:
             cols.append(str(row.seed))
         for d in sec.datasets:
@@ -523,8 +540,9 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     rows: dict[tuple, Row] = {}
     for rec in records:
         weights = rec.get("weights", {})
+        features = features_id(rec)
         key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
-               weights.get("source", ""), weights["sha256"], rec["seed"])
+               weights.get("source", ""), weights["sha256"], features, rec["seed"])
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(
@@ -536,6 +554,8 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
                 protocol=rec["protocol"],
                 variant=rec.get("variant", ""),
                 seed=rec["seed"],
+                features=features,
+                features_label=features_label(rec),
             )
         metrics = rec["metrics"]
         with_ci = task == "fewshot" and metric == "accuracy"
@@ -549,7 +569,7 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     specs = sorted({rec["dataset"] for rec in records})
     labels = dataset_labels(specs)
     columns = sorted(specs, key=lambda s: (labels[s], s))
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k[:6]) + (k[6],))]
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k[:7]) + (k[7],))]
     _rank_section(ordered, columns)
     return Section(task=task, metric=metric, datasets=columns, labels=labels, rows=ordered)
 
@@ -574,6 +594,16 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
     notes.append(
         "Weights: "
         + "; ".join(f"{m} = {src or 'unrecorded source'} (sha256 {sha[:12]})" for m, src, sha in weights)
+        + "."
+    )
+    settings: dict[str, tuple[set, str]] = {}
+    for r in records:
+        models, _ = settings.setdefault(features_id(r), (set(), features_label(r, full=True)))
+        models.add(r["model"])
+    notes.append(
+        "Features (extraction settings of the caches): "
+        + "; ".join(f"{', '.join(sorted(m))} [{fid}]: {text}" for fid, (m, text) in sorted(settings.items(),
+                                                                                         key=lambda kv: sorted(kv[1][0])))
         + "."
     )
     seeds = sorted({r["seed"] for r in records})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vtbench.errors import VTError
 from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block, short_source
-from vtbench.results import ResultsTable
+from vtbench.results import ResultsTable, features_id, features_label
 from vtbench.tokens import parse_spec
 
 # A bar chart with more rows than this is unreadable: narrow it with filters instead.
@@ -80,22 +80,29 @@ def plot_per_block(
             raise VTError(f"no per-block results for models {', '.join(models)} on {spec} (have: {', '.join(have)})")
 
     series: dict[tuple, dict[int, float]] = {}
+    feature_labels: dict[str, str] = {}
     for rec in records:
         term = parse_spec(rec["tokens"]).terms[0]
         weights = rec["weights"]
-        group = (rec["model"], weights["sha256"], weights.get("source", ""), rec.get("variant", ""), rec["seed"])
+        features = features_id(rec)
+        feature_labels[features] = features_label(rec)
+        group = (rec["model"], weights["sha256"], weights.get("source", ""), rec.get("variant", ""), rec["seed"], features)
         series.setdefault(group + (term.kind,), {})[term.start] = float(rec["metrics"][metric])
 
     weights_per_model: dict[str, set] = {}
-    for model, sha, *_ in series:
+    features_per_weights: dict[tuple, set] = {}
+    for model, sha, _, _, _, features, _ in series:
         weights_per_model.setdefault(model, set()).add(sha)
+        features_per_weights.setdefault((model, sha), set()).add(features)
     seeds = {key[4] for key in series}
 
     def label(key: tuple) -> str:
-        model, sha, source, variant, seed, kind = key
+        model, sha, source, variant, seed, features, kind = key
         parts = [model]
         if len(weights_per_model[model]) > 1:
             parts.append(f"{short_source(source, model) or 'weights'} {sha[:12]}")
+        if len(features_per_weights[(model, sha)]) > 1:
+            parts.append(feature_labels[features])
         if variant:
             parts.append(variant)
         if len(seeds) > 1:
@@ -106,12 +113,12 @@ def plot_per_block(
     ax = fig.add_subplot()
     colors = {}
     for key in sorted(series, key=lambda k: tuple(map(str, k))):
-        color = colors.setdefault(key[:5], f"C{len(colors) % 10}")
+        color = colors.setdefault(key[:6], f"C{len(colors) % 10}")
         points = sorted(series[key].items())
         ax.plot(
             [b for b, _ in points],
             [v for _, v in points],
-            LINE_STYLES.get(key[5], "-"),
+            LINE_STYLES.get(key[6], "-"),
             marker="o",
             markersize=4,
             color=color,

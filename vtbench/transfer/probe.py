@@ -511,6 +511,7 @@ def run_probe(
             "transform": meta.get("transform"),
             "norm": meta.get("norm"),
             "dtype": meta.get("dtype"),
+            "precision": meta.get("precision"),
             "num_classes": len(ref.class_names),
         }
 
