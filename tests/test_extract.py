@@ -13,11 +13,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vtbench.errors import VTError
 from vtbench.extract import extract, open_cache
-from vtbench.extract.cache import list_caches, partial_path, verify_cache
+from vtbench.extract.cache import list_caches, verify_cache
 from tests.helpers import make_imagefolder
 
 VIT = "vit_small_patch16_224"

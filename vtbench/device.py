@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vtbench.errors import VTError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: "str | torch.device | None") -> "torch.device":

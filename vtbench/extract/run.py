@@ -295,8 +295,6 @@ def extract(
     ``force`` recomputes it. An interrupted run resumes from its partial file.
     Unreadable images are skipped and listed (``on_error="fail"`` stops instead).
     """
-    import torch
-
     from vtbench.allocator import keep_freed_memory
     from vtbench.data import available_splits, dataset_info, get_dataset
     from vtbench.models import build_transform
@@ -353,8 +351,8 @@ def extract(
 def _check_input_size(bb, desc: dict, device) -> None:
     """A one-line error, before any image is read, when the model cannot take the transform's input size.
 
-    Only sizes other than the model's own are tried (--input-size, or ipvit's 224 on a model made
-    for another size): ViTs with a fixed grid, patch sizes that do not divide it, etc.
+    Only sizes other than the model's own (``--input-size``) are tried, with one blank image: ViTs
+    with a fixed grid, patch sizes that do not divide the size, etc.
     """
     import torch
 
@@ -374,8 +372,6 @@ def _check_input_size(bb, desc: dict, device) -> None:
 def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds, batch_size, workers, device,
                    amp, force, on_error, progress, say) -> list[ExtractReport]:
     """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass."""
-    import torch
-
     planned = []
     for bb, fn, desc in members:
         layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
