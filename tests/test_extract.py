@@ -223,6 +223,8 @@ def test_cli_extract_and_cache_commands(folder, tmp_path, vt):
 
     ls = vt("cache", "ls", "--out", out)
     assert ls.returncode == 0 and ls.stdout.count("complete") == 2
+    assert vt("cache", "ls", "--out", out, "-m", VIT, "-d", folder).stdout.count("complete") == 2
+    assert vt("cache", "ls", "--out", out, "-d", "dtd").stdout == f"no caches for dataset dtd:1 under {out}\n"
     path = next(out.rglob("train-*.h5"))
     info = vt("cache", "info", path)
     assert "weights_sha256" in info.stdout and "/features/cls/002" in info.stdout

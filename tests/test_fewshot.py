@@ -152,6 +152,8 @@ def test_generic_dataset_defaults_to_all_classes_and_split_restricts(tmp_path):
 def test_errors(caches, tmp_path):
     with pytest.raises(VTError, match="vt extract --model other"):
         run_fewshot("other", "aircraft", "cls[-1]", cache_dir=caches)
+    with pytest.raises(VTError, match="^aircraft has no split 'extra'; valid splits: train, val, trainval, test$"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", split=["test", "extra"], cache_dir=caches)
     # 12 images per class cannot give 5 shots + 15 queries
     with pytest.raises(VTError, match="needs at least 5 classes with >= 20 images"):
         run_fewshot(MODEL, "aircraft", "cls[-1]", "fixed", shots=5, cache_dir=caches, save=False)

@@ -26,19 +26,22 @@ def _size(path: Path) -> str:
 @cache_app.command("ls")
 def ls(
     out: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: $VT_CACHE or the user cache dir)."),
-    model: Optional[str] = typer.Option(None, help="Only this model."),
-    dataset: Optional[str] = typer.Option(None, help="Only this dataset spec."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Only this dataset spec (e.g. dtd, gtsrb)."),
     partial: bool = typer.Option(True, "--partial/--no-partial", help="Also list interrupted (partial) runs."),
 ) -> None:
     """List caches: model, dataset/split, rows, status, size, weights and key."""
+    from vtbench.data import canonical_spec
     from vtbench.extract.cache import list_caches
     from vtbench.paths import cache_dir
 
     root = cache_dir(out)
+    dataset = canonical_spec(dataset) if dataset else None  # as caches name it: dtd -> dtd:1
     rows = [(p, m) for p, m in list_caches(root, include_partial=partial)
             if (model is None or m.get("model") == model) and (dataset is None or m.get("dataset") == dataset)]
     if not rows:
-        typer.echo(f"no caches under {root}")
+        which = " and ".join(f"{k} {v}" for k, v in (("model", model), ("dataset", dataset)) if v)
+        typer.echo(f"no caches{' for ' + which if which else ''} under {root}")
         return
     typer.echo(f"{len(rows)} cache(s) under {root}")
     for path, m in rows:

@@ -532,11 +532,15 @@ def find_cache(
     matches (naming the ``vt extract`` command that would make it) or when
     caches with different weights/transform/norm/dtype match.
     """
-    from vtbench.data import canonical_spec
+    from vtbench.data import canonical_spec, dataset_info
+    from vtbench.data.registry import check_split
     from vtbench.paths import cache_dir
 
     root = cache_dir(root)
     dataset = canonical_spec(dataset)
+    info = dataset_info(dataset)
+    if not info.generic:  # a split the dataset does not have: say so, not "extract it"
+        check_split(dataset, split, info.splits)
     matches = []
     for path, meta in list_caches(root):
         if meta.get("model") != model or meta.get("dataset") != dataset or meta.get("split") != split:
