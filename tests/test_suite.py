@@ -162,3 +162,18 @@ def test_missing_data_and_absent_blocks_stop_the_suite_before_any_work(tmp_path,
         run_suite(load_suite(path), progress=False, log=messages.append)
     assert not any(m.startswith("==") for m in messages)  # nothing was extracted or probed
     assert not (tmp_path / "cache").exists()
+
+
+def test_run_only_some_of_the_suites_datasets(tmp_path, vt):
+    path = write_suite(tmp_path)
+    suite = yaml.safe_load(path.read_text())
+    suite["datasets"].append("digits")
+    path.write_text(yaml.safe_dump(suite))
+    full = [s for s in plan(load_suite(path)) if s.kind != "report"]
+    assert {s.dataset for s in full} == {suite["datasets"][0], "digits"}
+    only = plan(load_suite(path).only(["digits"]))
+    assert [s for s in only if s.kind != "report"] == [s for s in full if s.dataset == "digits"]
+    res = vt("run", path, "--dry-run", "-d", "digits")
+    assert res.returncode == 0 and "digits" in res.stdout and "imagefolder" not in res.stdout
+    res = vt("run", path, "--dry-run", "--datasets", "dtd")
+    assert res.returncode == 2 and "'dtd' is not one of the suite's datasets (imagefolder:" in res.stderr

@@ -19,7 +19,7 @@ import inspect
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +98,22 @@ class Suite:
     probe: dict | None = None
     fewshot: dict | None = None
     leaderboard: dict = field(default_factory=dict)
+
+    def only(self, datasets: list[str]) -> "Suite":
+        """The same suite restricted to some of its datasets (given as in the suite, or as short names)."""
+        from vtbench.data import canonical_spec
+
+        canonical = {canonical_spec(d): d for d in self.datasets}
+        keep = []
+        for name in datasets:
+            try:
+                found = canonical.get(canonical_spec(name))
+            except VTError:
+                found = None
+            if found is None:
+                raise VTError(f"{self.path}: '{name}' is not one of the suite's datasets ({', '.join(self.datasets)})")
+            keep.append(found)
+        return replace(self, datasets=list(dict.fromkeys(keep)))
 
     def root_for(self, dataset: str) -> str | None:
         name = dataset.split(":", 1)[0]

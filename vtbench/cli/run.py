@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from vtbench.cli.app import app
+from vtbench.cli.common import split_list
 
 
 @app.command()
@@ -15,8 +16,14 @@ def run(
     config: Optional[Path] = typer.Argument(None, help="Suite YAML (default: the embedded demo, configs/demo.yaml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, marking what is already done, and stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars during extraction."),
+    datasets: Optional[List[str]] = typer.Option(
+        None, "--datasets", "--dataset", "-d", help="Run only these of the suite's datasets (repeat or comma-separate)."
+    ),
 ) -> None:
     """Run a suite: models x datasets x token specs x protocols. Finished work is skipped, so reruns resume."""
     from vtbench.suite import load_suite, run_suite
 
-    run_suite(load_suite(config), dry_run=dry_run, progress=progress, log=typer.echo)
+    suite = load_suite(config)
+    if datasets:
+        suite = suite.only(split_list(datasets))
+    run_suite(suite, dry_run=dry_run, progress=progress, log=typer.echo)
