@@ -218,7 +218,7 @@ def run_fewshot(
                         pool.features(spec), episode_set.episodes, name,
                         l2_normalize=l2_normalize, center=center, C=C, device=device_used,
                     )
-                    record.update(_details(scores, episode_set, pool, ref, name, l2_normalize, center, C,
+                    record.update(_details(scores, episode_set, pool, name, l2_normalize, center, C,
                                            class_info, source, device_used))
                     record["timings"] = {"open_s": t_open - t0, "episodes_s": t_episodes - t_open,
                                          "solve_s": time.perf_counter() - t_solve}
@@ -323,7 +323,7 @@ def _samplers(sampler: str, ways: int, shots, queries: int) -> list:
     raise VTError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
 
 
-def _details(scores, episode_set, pool, ref, classifier, l2_normalize, center, C, class_info, source, device) -> dict:
+def _details(scores, episode_set, pool, classifier, l2_normalize, center, C, class_info, source, device) -> dict:
     """Metrics and provenance of one result record."""
     eps = episode_set.episodes
     accs = scores.accuracy
