@@ -24,8 +24,8 @@ PER_CLASS = {"train": 12, "val": 6, "test": 8}
 
 def _meta(dataset, split, weights="ab" * 32, transform="model", model=MODEL):
     return {
-        "format_version": 1, "model": model, "model_kwargs": {}, "weights_sha256": weights,
-        "weights_source": "random-init", "transform": {"mode": transform}, "norm": True, "dtype": "float32",
+        "format_version": 1, "model": model, "model_kwargs": {}, "weights_sha256": weights, "weights_source": "random-init",
+        "transform": transform if isinstance(transform, dict) else {"mode": transform}, "norm": True, "dtype": "float32",
         "dataset": dataset, "split": split, "data_fingerprint": f"synthetic-{split}", "token_kinds": ["cls", "patch"],
         "precision": "fp32", "timm_version": "test", "torch_version": "test",
     }
@@ -282,3 +282,9 @@ def test_other_extraction_settings_are_other_results_never_reused(tmp_path):
     assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == [
         f"{MODEL} · ipvit, float32 · cls", f"{MODEL} · ipvit, float32 · patch",
         f"{MODEL} · model, float32 · cls", f"{MODEL} · model, float32 · patch"]
+
+    # Caches that differ only in a transform detail are not picked between silently.
+    write_toy(tmp_path / "cache", transform={"mode": "model", "input_size": [3, 160, 160]}, seed=2)
+    with pytest.raises(VTError, match=r"^2 different caches match .*transform model 160x160 no crop None.*; weights "
+                                      r".*transform model \? no crop None.*or remove the one you do not want"):
+        run_probe(MODEL, "dtd", "cls[-1]", transform="model", **kw)

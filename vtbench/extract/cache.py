@@ -508,8 +508,13 @@ COMPATIBLE_FIELDS = ("model", "model_kwargs", "weights_sha256", "transform", "no
 
 
 def _describe(meta: dict) -> str:
+    """What tells caches of one model, dataset and split apart, in words (versions and file dates aside)."""
+    t = meta.get("transform", {})
+    size = "x".join(map(str, (t.get("input_size") or [])[1:])) or "?"
+    crop = f"crop {t['crop_pct']:g}" if t.get("crop_pct") is not None else "no crop"
     return (f"weights {str(meta.get('weights_sha256', ''))[:12]} ({meta.get('weights_source')}), "
-            f"transform {meta.get('transform', {}).get('mode')}, norm {meta.get('norm')}, dtype {meta.get('dtype')}")
+            f"transform {t.get('mode')} {size} {crop} {t.get('interpolation')}, norm {meta.get('norm')}, "
+            f"dtype {meta.get('dtype')}, {meta.get('precision')}")
 
 
 def find_cache(
@@ -564,7 +569,8 @@ def find_cache(
         raise VTError(
             f"{len(variants)} different caches match {model} on {dataset}/{split}: "
             + "; ".join(sorted(variants))
-            + ". Narrow it with --weights, --transform, --norm/--no-norm or --dtype"
+            + ". Narrow it with --weights, --transform, --norm/--no-norm or --dtype, or remove the one you do "
+            "not want ('vt cache ls' lists them)"
         )
     return matches[0][0]  # newest first
 
