@@ -18,7 +18,7 @@ from vtbench.cli import main
 from vtbench.errors import VTError
 from vtbench.report.leaderboard import Leaderboard, build_leaderboard, dataset_labels, leaderboard_from_dir
 from vtbench.report.plots import plot_bars, plot_per_block
-from vtbench.results import load, save
+from vtbench.results import identity, load, save
 
 GOLDEN = Path(__file__).parent / "golden" / "leaderboard.md"
 
@@ -195,6 +195,9 @@ def test_one_identity_in_two_files_keeps_the_newer(tmp_path):
     (tmp_path / "copied-in.json").write_text(json.dumps(dict(newer, schema="vtbench-result/1")))
     (kept,) = load(tmp_path).records
     assert kept["metrics"]["top1"] == 51.0 and kept["_path"] == str(tmp_path / "copied-in.json")
+    # A record written before precision was recorded (a CPU run) keeps its identity; bf16 features do not.
+    legacy = {k: v for k, v in rec.items() if k != "precision"}
+    assert identity(legacy) == identity(rec) != identity(dict(rec, precision="bf16-autocast"))
 
 
 def test_variant_notes_describe_every_part():

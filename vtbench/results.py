@@ -65,8 +65,14 @@ def versions() -> dict:
 
 
 def features_id(record: dict) -> str:
-    """12 hex digits naming a record's extraction settings (:data:`FEATURE_FIELDS`)."""
+    """12 hex digits naming a record's extraction settings (:data:`FEATURE_FIELDS`).
+
+    fp32 precision counts as unrecorded: records written before precision was copied into them
+    (all CPU runs) then keep their identity.
+    """
     settings = {k: record.get(k) for k in FEATURE_FIELDS}
+    if settings["precision"] == "fp32":
+        settings["precision"] = None
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
