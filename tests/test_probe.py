@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,18 @@ def test_other_extraction_settings_are_other_results_never_reused(tmp_path):
     with pytest.raises(VTError, match=r"^2 different caches match .*transform model 160x160 no crop None.*; weights "
                                       r".*transform model \? no crop None.*or remove the one you do not want"):
         run_probe(MODEL, "dtd", "cls[-1]", transform="model", **kw)
+
+
+def test_skip_existing_finds_results_stored_under_their_earlier_name(tmp_path):
+    """Stores written before the identity named the extraction settings are still found, when they match."""
+    write_toy(tmp_path / "cache")
+    kw = dict(cache_dir=tmp_path / "cache", results_dir=tmp_path / "r", skip_existing=True)
+    (rec,) = run_probe(MODEL, "dtd", "cls[-1]", **kw)
+    ident = store.identity(rec)
+    legacy = store.result_path(tmp_path / "r", {k: v for k, v in ident.items() if k != "features"})
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    Path(rec["_path"]).rename(legacy)
+    assert store.stored_path(tmp_path / "r", rec) == legacy
+    assert run_probe(MODEL, "dtd", "cls[-1]", **kw) == []  # found under the earlier name: skipped
+    # ... but not for other extraction settings
+    assert store.stored_path(tmp_path / "r", dict(rec, dtype="float16")) is None

@@ -155,9 +155,23 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def exists(root: str | os.PathLike, ident: dict) -> bool:
-    """Whether a result with this identity is already stored (for ``--skip-existing``)."""
-    return result_path(root, ident).exists()
+def stored_path(root: str | os.PathLike, record: dict) -> Path | None:
+    """The file that stores a result with ``record``'s identity, or None (for ``--skip-existing``).
+
+    Also finds a record stored under the name it had before the identity named the extraction
+    settings, when its settings are the same.
+    """
+    ident = identity(record)
+    path = result_path(root, ident)
+    if path.exists():
+        return path
+    legacy = result_path(root, {k: v for k, v in ident.items() if k != "features"})
+    try:
+        if legacy.exists() and features_id(json.loads(legacy.read_text())) == ident["features"]:
+            return legacy
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return None
 
 
 @dataclass

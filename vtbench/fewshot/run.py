@@ -209,8 +209,8 @@ def run_fewshot(
                         "seed": episode_set.seed,
                         **{k: ref.get(k) for k in store.FEATURE_FIELDS},
                     }
-                    path = store.result_path(results_root, store.identity(record))
-                    if skip_existing and path.exists():
+                    path = store.stored_path(results_root, record) if skip_existing else None
+                    if path is not None:
                         records.append(dict(json.loads(path.read_text()), skipped=True, _path=str(path)))
                         continue
                     t_solve = time.perf_counter()

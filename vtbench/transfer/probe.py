@@ -539,7 +539,7 @@ def run_probe(
             todo = []
             for spec in specs:
                 ident = dict(base, tokens=str(spec), protocol=proto, variant=variant)
-                if skip_existing and store.exists(results_root, store.identity(ident)):
+                if skip_existing and store.stored_path(results_root, ident) is not None:
                     say(f"skip {proto} {spec}: result exists")
                     continue
                 todo.append(spec)
