@@ -115,6 +115,11 @@ class Suite:
             keep.append(found)
         return replace(self, datasets=list(dict.fromkeys(keep)))
 
+    def cache_selection(self) -> dict:
+        """The extract section's transform mode, norm and dtype, with extract's defaults: which caches are the suite's."""
+        ex = self.extract
+        return {"transform": ex.get("transform", "model"), "norm": ex.get("norm", True), "dtype": ex.get("dtype", "float16")}
+
     def root_for(self, dataset: str) -> str | None:
         name = dataset.split(":", 1)[0]
         root = self.roots.get(dataset) or self.roots.get(name)
@@ -346,11 +351,10 @@ def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[
     except VTError:
         pass  # data not on disk yet: plan the usual splits
     done = []
-    ex = suite.extract
     for split in wanted:
         try:
             find_cache(entry.model, dataset, split, suite.cache_dir, weights=entry.weights_filter(),
-                       transform=ex.get("transform", "model"), norm=ex.get("norm", True), dtype=ex.get("dtype", "float16"))
+                       **suite.cache_selection())
             done.append(split)
         except VTError:
             pass
@@ -363,14 +367,13 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
 
     wfilter = entry.weights_filter()
     canon = canonical_spec(dataset)
-    ex = suite.extract
-    wanted = {"mode": ex.get("transform", "model"), "norm": ex.get("norm", True), "dtype": ex.get("dtype", "float16")}
+    wanted = suite.cache_selection()
 
     def same_features(r: dict) -> bool:
         t = r.get("transform") or {}
-        if {"mode": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
+        if {"transform": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
             return False
-        size = ex.get("input_size")
+        size = suite.extract.get("input_size")
         return size is None or list(t.get("input_size") or [])[1:] == [size, size]
 
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
@@ -479,7 +482,7 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     ex = dict(suite.extract)
     backbones = _build_backbones(suite, ex.get("device"))
     _check_inputs(suite, backbones, steps)
-    selection = dict(transform=ex.get("transform", "model"), norm=ex.get("norm", True), dtype=ex.get("dtype", "float16"))
+    selection = suite.cache_selection()
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")
         for report in extract(backbones, dataset, None, suite.root_for(dataset), out=suite.cache_dir,
