@@ -383,10 +383,9 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
 
 def _fewshot_protocols(options: dict) -> list[str]:
     """Protocol names the few-shot section produces (as recorded by vtbench.fewshot)."""
-    if options.get("sampler", "md") == "md":
-        return ["fewshot-md"]
-    ways = options.get("ways", 5)
-    return [f"fewshot-{ways}w{shots}s" for shots in options.get("shots") or [1, 5]]
+    from vtbench.fewshot.run import protocols_for
+
+    return protocols_for(**{k: options.get(k) for k in ("sampler", "ways", "shots", "queries")})
 
 
 def plan(suite: Suite) -> list[Step]:

@@ -297,6 +297,11 @@ def check_fewshot_options(*, sampler: str | None = None, classifier: str | Seque
                       f"seed; drop {', '.join(given)}")
 
 
+def protocols_for(sampler: str | None = None, ways: int | None = None, shots=None, queries: int | None = None) -> list[str]:
+    """The protocol names ``run_fewshot`` records for these sampling options (``None``: the default)."""
+    return [s.protocol for s in _samplers(*_sampling_defaults(sampler, ways, shots, queries, None)[:4])]
+
+
 def _sampling_defaults(sampler, ways, shots, queries, seed) -> tuple:
     """The sampling options with ``None`` replaced by their defaults (md; fixed 5-way 1 and 5 shots, 15
     queries; seed 0)."""
