@@ -508,10 +508,7 @@ def run_probe(
             "weights": {"source": meta.get("weights_source"), "sha256": meta["weights_sha256"]},
             "dataset": meta["dataset"],
             "seed": seed,
-            "transform": meta.get("transform"),
-            "norm": meta.get("norm"),
-            "dtype": meta.get("dtype"),
-            "precision": meta.get("precision"),
+            **{k: meta.get(k) for k in store.FEATURE_FIELDS},  # the caches' extraction settings
             "num_classes": len(ref.class_names),
         }
 
