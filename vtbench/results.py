@@ -39,7 +39,8 @@ from typing import Iterator
 from vtbench.paths import atomic_write_bytes
 
 SCHEMA = "vtbench-result/1"
-IDENTITY_FIELDS = ("task", "model", "weights_sha256", "features", "dataset", "tokens", "protocol", "variant", "seed")
+IDENTITY_FIELDS = ("task", "model", "weights_sha256", "features", "data", "dataset", "tokens", "protocol", "variant",
+                   "seed")
 # The extraction settings of the caches a record was computed on: the same model and weights extracted with
 # another transform, final norm, dtype or forward precision give other features, hence another result.
 FEATURE_FIELDS = ("transform", "norm", "dtype", "precision")
@@ -103,19 +104,59 @@ def features_label(record: dict, full: bool = False) -> str:
             + f"; stored as {record.get('dtype', 'unrecorded dtype')}; forward in {record.get('precision') or 'unrecorded precision'}")
 
 
+def convergence_note(record: dict, decisive_only: bool = False) -> str:
+    """What of a logistic probe did not meet the solver's criterion, in words ('' when everything did).
+
+    The refit gives the reported number and the chosen grid solution the selection: those are
+    decisive. Other grid values that missed are only counted (``decisive_only`` leaves them out).
+    """
+    solver = record.get("solver", {})
+    if "refit" not in solver or "selection" not in solver:
+        return ""
+    parts = []
+    refit = solver["refit"]
+    if not refit["converged"]:
+        parts.append(f"refit not converged (measure {refit['grad_norm']:.1e} > {solver.get('tol', {}).get('refit', '?')})")
+    converged = solver["selection"]["converged"]
+    grid = record.get("selection", {}).get("grid") or []
+    chosen = record.get("selection", {}).get("chosen")
+    if chosen in grid and not converged[grid.index(chosen)]:
+        parts.append(f"chosen l2={chosen:g} not converged in the selection")
+    missed = converged.count(False)
+    if missed and not decisive_only:
+        parts.append(f"{missed}/{len(converged)} grid fits not converged")
+    return "; ".join(parts)
+
+
+def data_id(record: dict) -> str | None:
+    """12 hex digits naming the images a record was computed on: the data fingerprints of its caches.
+
+    None for records written before the caches' fingerprints were copied into them.
+    """
+    refs = [ref for refs in (record.get("caches") or {}).values() for ref in refs]
+    if not refs or any("data_fingerprint" not in ref for ref in refs):
+        return None
+    pairs = sorted({(ref["split"], ref["data_fingerprint"]) for ref in refs})
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
 def identity(record: dict) -> dict:
-    """The fields that name a result: one file per distinct identity."""
-    return {
+    """The fields that name a result: one file per distinct identity (``data`` only where recorded)."""
+    ident = {
         "task": record["task"],
         "model": record["model"],
         "weights_sha256": record["weights"]["sha256"],
         "features": features_id(record),
+        "data": data_id(record),
         "dataset": record["dataset"],
         "tokens": record["tokens"],
         "protocol": record["protocol"],
         "variant": record.get("variant", ""),
         "seed": record["seed"],
     }
+    if ident["data"] is None:  # older records keep the identity (and file name) they were stored under
+        del ident["data"]
+    return ident
 
 
 def _safe(text: str) -> str:
@@ -158,20 +199,30 @@ def _json_default(obj):
 def stored_path(root: str | os.PathLike, record: dict) -> Path | None:
     """The file that stores a result with ``record``'s identity, or None (for ``--skip-existing``).
 
-    Also finds a record stored under the name it had before the identity named the extraction
-    settings, when its settings are the same.
+    Also finds a record stored under the name it had before the identity named the data (then its
+    caches must be the very caches of ``record``) or the extraction settings (then they must match).
     """
     ident = identity(record)
     path = result_path(root, ident)
     if path.exists():
         return path
-    legacy = result_path(root, {k: v for k, v in ident.items() if k != "features"})
-    try:
-        if legacy.exists() and features_id(json.loads(legacy.read_text())) == ident["features"]:
-            return legacy
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
+    without_data = {k: v for k, v in ident.items() if k != "data"}
+    keys = _cache_keys(record)
+    for legacy in (without_data, {k: v for k, v in without_data.items() if k != "features"}):
+        candidate = result_path(root, legacy)
+        try:
+            stored = json.loads(candidate.read_text()) if candidate.exists() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if stored is None or features_id(stored) != ident["features"]:
+            continue
+        if "data" not in ident or (keys and _cache_keys(stored) == keys):
+            return candidate
     return None
+
+
+def _cache_keys(record: dict) -> set[str]:
+    return {ref["key"] for refs in (record.get("caches") or {}).values() for ref in refs if "key" in ref}
 
 
 @dataclass

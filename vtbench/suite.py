@@ -45,9 +45,10 @@ TOP_LEVEL_KEYS = {
 SUITE_OWNED = {
     "extract": {"model", "dataset", "root", "split", "out", "pretrained", "checkpoint", "random_init", "seed",
                 "model_kwargs", "progress", "force"},
-    "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype"},
+    "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
+              "data_root"},
     "fewshot": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
-                "save_episodes", "episodes_file"},
+                "save_episodes", "episodes_file", "data_root"},
     "leaderboard": {"results_dir", "out", "fmt"},
 }
 MODEL_KEYS = {"model", "pretrained", "checkpoint", "random_init", "seed", "model_kwargs", "tokens"}
@@ -124,6 +125,15 @@ class Suite:
         name = dataset.split(":", 1)[0]
         root = self.roots.get(dataset) or self.roots.get(name)
         return str(Path(root).expanduser()) if root else None
+
+    def data_root_for(self, dataset: str) -> Path | None:
+        """The dataset root extract reads (``roots:``, else $VT_DATA/<name>): the suite's caches are those of the
+        images there. None for datasets that carry their own path or live in memory, and for a root that is not
+        on disk (a suite whose caches are all made needs no files)."""
+        from vtbench.data.registry import resolve_root
+
+        root = resolve_root(dataset, self.root_for(dataset))
+        return root if root is not None and root.is_dir() else None
 
     def results_dir(self) -> Path:
         from vtbench.paths import results_dir
@@ -354,7 +364,7 @@ def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[
     for split in wanted:
         try:
             find_cache(entry.model, dataset, split, suite.cache_dir, weights=entry.weights_filter(),
-                       **suite.cache_selection())
+                       data_root=suite.data_root_for(dataset), **suite.cache_selection())
             done.append(split)
         except VTError:
             pass
@@ -369,6 +379,14 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
     canon = canonical_spec(dataset)
     wanted = suite.cache_selection()
 
+    root = suite.data_root_for(dataset)
+
+    def on_suite_data(r: dict) -> bool:
+        from vtbench.extract.cache import same_data
+
+        refs = [ref for refs in (r.get("caches") or {}).values() for ref in refs]
+        return root is None or all(same_data(ref, root) for ref in refs if "data_fingerprint" in ref)
+
     def same_features(r: dict) -> bool:
         t = r.get("transform") or {}
         if {"transform": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
@@ -378,7 +396,7 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
 
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
             and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))
-            and same_features(r)]
+            and same_features(r) and on_suite_data(r)]
 
 
 def _fewshot_protocols(options: dict) -> list[str]:
@@ -489,7 +507,8 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
             say("  " + report.summary())
         for entry, bb in zip(suite.models, backbones):
             pick = dict(cache_dir=suite.cache_dir, weights=bb.weights_sha256, skip_existing=True,
-                        transform=selection["transform"], norm=selection["norm"])
+                        transform=selection["transform"], norm=selection["norm"],
+                        data_root=suite.data_root_for(dataset))
             if suite.probe is not None:
                 opts = {k: v for k, v in suite.probe.items() if k not in ("tokens", "protocol")}
                 say(f"== {dataset}: probe {entry.label}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from typer.core import TyperCommand
+
 from vtbench.errors import VTError
 
 
@@ -39,3 +41,29 @@ def split_list(values: list[str] | None) -> list[str] | None:
         return None
     out = [v.strip() for item in values for v in item.split(",") if v.strip()]
     return out or None
+
+
+class MultiValueCommand(TyperCommand):
+    """Lets ``--shots 1 5`` and ``--tokens 'cls[-1]' 'cls[-4:]'`` take several values after one flag (the options
+    in ``multi_value``).
+
+    Click options take one value each; this rewrites ``--shots 1 5`` into
+    ``--shots 1 --shots 5`` before parsing (the command has no positional
+    arguments, so a bare word can only belong to the option before it).
+    """
+
+    multi_value: tuple[str, ...] = ()  # the options that take several values
+
+    def parse_args(self, ctx, args):
+        rewritten, current, has_value = [], None, False
+        for arg in args:
+            if arg in self.multi_value:
+                current, has_value = arg, False
+            elif arg.startswith("-"):
+                current = None
+            elif current is not None and has_value:
+                rewritten.append(current)
+            else:
+                has_value = True
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)

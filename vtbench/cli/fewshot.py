@@ -6,38 +6,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from typer.core import TyperCommand
 
 from vtbench.cli.app import app
-from vtbench.cli.common import split_list
+from vtbench.cli.common import MultiValueCommand, split_list
 
 
-class _MultiValueCommand(TyperCommand):
-    """Lets ``--shots 1 5`` and ``--tokens 'cls[-1]' 'cls[-4:]'`` take several values after one flag.
-
-    Click options take one value each; this rewrites ``--shots 1 5`` into
-    ``--shots 1 --shots 5`` before parsing (the command has no positional
-    arguments, so a bare word can only belong to the option before it).
-    """
-
-    multi_value = ("--shots", "--tokens", "-t", "--classifier", "--split", "-s")
-
-    def parse_args(self, ctx, args):
-        rewritten, current, has_value = [], None, False
-        for arg in args:
-            if arg in self.multi_value:
-                current, has_value = arg, False
-            elif arg.startswith("-"):
-                current = None
-            elif current is not None and has_value:
-                rewritten.append(current)
-            else:
-                has_value = True
-            rewritten.append(arg)
-        return super().parse_args(ctx, rewritten)
+class _FewshotCommand(MultiValueCommand):
+    multi_value = ("--shots", "--tokens", "-t", "--classifier", "--split", "-s", "--seeds")
 
 
-@app.command(cls=_MultiValueCommand)
+@app.command(cls=_FewshotCommand)
 def fewshot(
     model: str = typer.Option(..., "--model", "-m", help="timm model name, as given to `vt extract`."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset spec, as given to `vt extract`."),
@@ -51,6 +29,7 @@ def fewshot(
     classes: Optional[str] = typer.Option(None, help="Class split to draw from: test (default where defined), val, train or all."),
     split: Optional[List[str]] = typer.Option(None, "--split", "-s", help="Only pool these extracted splits (default: all that are cached)."),
     seed: Optional[int] = typer.Option(None, help="Episode seed (default 0)."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seeds", help="Several episode seeds, one result each: --seeds 0 1 2 (the leaderboard shows their mean ± std)."),
     l2_normalize: bool = typer.Option(True, "--l2-normalize/--no-l2-normalize", help="L2-normalise features first."),
     center: bool = typer.Option(False, "--center", help="ncc: subtract the mean of the episode's support features."),
     C: float = typer.Option(1.0, "--C", help="lr: inverse L2 strength as in scikit-learn (l2 = 1/(C*n_support))."),
@@ -63,6 +42,7 @@ def fewshot(
     transform: Optional[str] = typer.Option(None, help="Pick caches extracted with this transform (model or ipvit)."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Pick caches extracted with / without the final norm."),
     dtype: Optional[str] = typer.Option(None, help="Pick caches stored in this dtype."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Pick caches extracted from this dataset root (as given to `vt extract --root`)."),
 ) -> None:
     """Few-shot episodes on cached features: mean accuracy +- 95% CI over seeded, reproducible episodes."""
     from vtbench.fewshot import run_fewshot
@@ -70,9 +50,9 @@ def fewshot(
     records = run_fewshot(
         model, dataset, split_list(tokens), sampler,
         classifier=split_list(classifier), episodes=episodes, ways=ways, shots=shots or None, queries=queries,
-        classes=classes, seed=seed, split=split_list(split), l2_normalize=l2_normalize, center=center, C=C,
+        classes=classes, seed=seed, seeds=seeds or None, split=split_list(split), l2_normalize=l2_normalize, center=center, C=C,
         save_episodes=save_episodes, cache_dir=cache_dir, results=results, skip_existing=skip_existing,
-        device=device, weights=weights, transform=transform, norm=norm, dtype=dtype,
+        device=device, weights=weights, transform=transform, norm=norm, dtype=dtype, data_root=root,
     )
     for rec in records:
         m = rec["metrics"]

@@ -8,7 +8,12 @@ from typing import List, Optional
 import typer
 
 from vtbench.cli.app import app
+from vtbench.cli.common import MultiValueCommand
 from vtbench.errors import VTError
+
+
+class _ProbeCommand(MultiValueCommand):
+    multi_value = ("--tokens", "-t", "--protocol", "-p", "--seeds")
 
 PROBE_HELP = """Train and evaluate probes on cached features: one result per token spec
 and protocol, saved to the results store. No forward pass: every spec is read
@@ -29,7 +34,7 @@ Token specs (quote them in the shell; '+' concatenates terms in order):
 Protocols (--protocol, repeatable):
   default  logistic regression on standardised features; L2 strength chosen
            on the validation split (official, else a seeded stratified 20% of
-           train) from a 15-value log grid; refit on train+val; test
+           train) from a 17-value log grid (1e-6 to 100); refit on train+val; test
   sklearn  the same with scikit-learn's LogisticRegression (reference)
   ipvit    the paper's head: AdamW lr 5e-4, wd 0.05, 10 epochs, batch 256,
            on the paper's train splits; last epoch and max over epochs
@@ -40,6 +45,7 @@ Protocols (--protocol, repeatable):
 
 
 @app.command(
+    cls=_ProbeCommand,
     help=PROBE_HELP,
     short_help="Train and evaluate probes on cached token ensembles (no forward pass); results go to the store.",
     context_settings={"allow_extra_args": True},
@@ -54,9 +60,11 @@ def probe(
         None, "--protocol", "-p", help="default, sklearn, ipvit or knn; repeat for several (default: default)."),
     per_block: bool = typer.Option(False, "--per-block", help="Also probe every block's cls and patch (or stage) token alone."),
     seed: int = typer.Option(0, help="Seed for the held-out validation split, ipvit's init and shuffling."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seeds", help="Several seeds, one result each: --seeds 0 1 2 (the leaderboard shows their mean ± std)."),
     weights: Optional[str] = typer.Option(None, help="Pick the caches whose weights sha256 starts with, or whose source contains, this."),
     transform: Optional[str] = typer.Option(None, help="Pick the caches extracted with this transform (model or ipvit)."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Pick the caches with (or without) the final norm on every block."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Pick the caches extracted from this dataset root (as given to `vt extract --root`)."),
     standardize: bool = typer.Option(True, "--standardize/--no-standardize", help="default/sklearn: standardise features with train statistics."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Feature-cache directory (default: $VT_CACHE)."),
     results: Optional[Path] = typer.Option(None, "--results", help="Results directory (default: $VT_RESULTS, else ./results)."),
@@ -70,7 +78,7 @@ def probe(
         raise VTError(f"unexpected argument '{extra[0]}'; token specs go after --tokens")
     records = run_probe(
         model, dataset, list(tokens or []) + extra, protocol or ["default"],
-        seed=seed, per_block=per_block, cache_dir=cache_dir, results_dir=results, weights=weights,
+        seed=seed, seeds=seeds or None, per_block=per_block, data_root=root, cache_dir=cache_dir, results_dir=results, weights=weights,
         transform=transform, norm=norm, skip_existing=skip_existing, device=device, standardize=standardize,
         log=lambda msg: typer.echo(msg, err=True),
     )
@@ -83,6 +91,8 @@ def probe(
 
 def format_table(records: list[dict]) -> str:
     """A small fixed-width table: one row per record."""
+    from vtbench.results import convergence_note
+
     rows = [("protocol", "tokens", "dim", "top1", "top5", "mpc", "selection / note")]
     for rec in records:
         m, sel = rec["metrics"], rec.get("selection", {})
@@ -91,8 +101,8 @@ def format_table(records: list[dict]) -> str:
         elif rec["protocol"] == "knn":
             note = f"k={sel['chosen']} ({rec['solver']['backend']})"
         else:
-            conv = rec["solver"]["refit"]["converged"] and all(rec["solver"]["selection"]["converged"])
-            note = f"l2={sel['chosen']:g}" + ("" if conv else " (not converged)")
+            problems = convergence_note(rec)
+            note = f"l2={sel['chosen']:g}" + (f" ({problems})" if problems else "")
         rows.append((rec["protocol"] + (f"/{rec['variant']}" if rec.get("variant") else ""), rec["tokens"],
                      str(rec["feature_dim"]), f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['mean_per_class']:.2f}", note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

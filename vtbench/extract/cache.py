@@ -22,6 +22,7 @@ waits for it, then reuses what it made.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ FORMAT_VERSION = 1
 MAX_CHUNK_BYTES = 1 << 20
 
 PENDING, WRITTEN, SKIPPED = 0, 1, 2
+SKIPPED_LISTED = 20  # skipped image ids a result record lists per cache (the count is always complete)
 
 # Attributes that decide a cache's identity: two runs that agree on all of these
 # produce the same numbers, and only then is a cache reused.
@@ -425,6 +427,15 @@ class FeatureCache:
         grp = self._f["skipped"]
         return [(i.decode(), e.decode()) for i, e in zip(grp["image_id"][:], grp["error"][:])]
 
+    def record_ref(self, split: str | None = None) -> dict:
+        """What a result record says of this cache: key, path, split, and which images it holds (root, data
+        fingerprint, rows, skipped images: the first SKIPPED_LISTED ids, and their count)."""
+        skipped = self.skipped
+        return {"key": self.key, "path": str(self.path), "split": split or self.meta["split"],
+                "dataset": self.meta["dataset"],
+                "data_fingerprint": self.meta.get("data_fingerprint"), "dataset_root": self.meta.get("dataset_root"),
+                "rows": len(self), "n_skipped": len(skipped), "skipped": [i for i, _ in skipped[:SKIPPED_LISTED]]}
+
     def block(self, kind: str, block: int, dtype=np.float32) -> np.ndarray:
         """Features of one (kind, block) for every written row, as ``(N, D)``."""
         nblocks = self.kinds.get(kind)
@@ -517,6 +528,30 @@ def _describe(meta: dict) -> str:
             f"dtype {meta.get('dtype')}, {meta.get('precision')}")
 
 
+def _describe_data(meta: dict) -> str:
+    """Which images a cache holds, in words: root, rows, skipped images and data fingerprint."""
+    skipped = int(meta.get("n_skipped", 0) or 0)
+    return (f"data {str(meta.get('data_fingerprint', ''))[:12]} (root {meta.get('dataset_root') or 'in memory'}, "
+            f"{int(meta.get('n', 0)) - skipped} images" + (f", {skipped} skipped" if skipped else "") + ")")
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint_at(dataset: str, split: str, data_root: str) -> str | None:
+    from vtbench.data import get_dataset
+
+    try:
+        return get_dataset(dataset, split, data_root).fingerprint
+    except VTError:
+        return None  # that root has no such split (or no such data)
+
+
+def same_data(meta: dict, data_root: str | os.PathLike) -> bool:
+    """Whether a cache (or a record's reference to one) holds the images of its split under ``data_root``
+    today: the same data fingerprint (ids, byte sizes, labels), wherever the cache was extracted from."""
+    fingerprint = _fingerprint_at(meta.get("dataset"), meta.get("split"), str(Path(data_root).expanduser().resolve()))
+    return fingerprint is not None and fingerprint == meta.get("data_fingerprint")
+
+
 def find_cache(
     model: str,
     dataset: str,
@@ -527,15 +562,20 @@ def find_cache(
     transform: str | None = None,
     norm: bool | None = None,
     dtype: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    kinds: Iterable[str] = (),
 ) -> Path:
     """The complete cache for (model, dataset, split), narrowed by optional filters.
 
     ``dataset`` is canonicalised through the dataset registry (``dtd`` -> ``dtd:1``).
     ``weights`` matches a sha256 prefix or a substring of the weights source
     (``random-init``, ``file:...``, ``hub:...``); ``transform`` matches the
-    transform mode (``model`` or ``ipvit``). Raises VTError when nothing
-    matches (naming the ``vt extract`` command that would make it) or when
-    caches with different weights/transform/norm/dtype match.
+    transform mode (``model`` or ``ipvit``); ``data_root`` keeps the caches that hold the
+    images under that dataset root (:func:`same_data`); ``kinds`` are token kinds the cache must hold. Raises VTError
+    when nothing matches (naming the ``vt extract`` command that would make it) or when
+    caches of other extraction settings or other data match: a cache is never picked
+    silently between two that would give different numbers. Among caches of the same
+    settings and data, the one with the most token kinds (then the newest) is taken.
     """
     from vtbench.data import canonical_spec, dataset_info
     from vtbench.data.registry import check_split
@@ -546,7 +586,8 @@ def find_cache(
     info = dataset_info(dataset)
     if not info.generic:  # a split the dataset does not have: say so, not "extract it"
         check_split(dataset, split, info.splits)
-    matches = []
+    kinds = set(kinds)
+    matches, lacking = [], []
     for path, meta in list_caches(root):
         if meta.get("model") != model or meta.get("dataset") != dataset or meta.get("split") != split:
             continue
@@ -558,21 +599,38 @@ def find_cache(
             continue
         if dtype and meta.get("dtype") != dtype:
             continue
+        if data_root is not None and not same_data(meta, data_root):
+            continue
+        if not kinds <= set(meta.get("kinds", {})):
+            lacking.append((path, meta))
+            continue
         matches.append((path, meta))
     if not matches:
         hint = f"vt extract --model {model} --dataset {dataset} --split {split}"
+        if data_root is not None:
+            hint += f" --root {data_root}"
         if weights:
             hint += f" (with the weights matching '{weights}')"
+        if lacking:
+            have = sorted({k for _, m in lacking for k in m.get("kinds", {})})
+            missing = ", ".join(f"'{k}'" for k in sorted(kinds - set(have))) or ", ".join(f"'{k}'" for k in sorted(kinds))
+            raise VTError(f"no {missing} features in any cache of {model} on {dataset}/{split} under {root} (they "
+                          f"hold: {', '.join(have)}); where the model has them: {hint} --kinds "
+                          f"{','.join(sorted(kinds | set(have)))}")
         raise VTError(f"no cache for {model} on {dataset}/{split} under {root}; make it with: {hint}")
-    variants = {_describe(m) for _, m in matches}
+    variants = {(_describe(m), _describe_data(m)) for _, m in matches}
     if len(variants) > 1:
+        settings = {v[0] for v in variants}
+        how = ("--root DIR (the dataset root given to vt extract)" if len(settings) == 1
+               else "--weights, --transform, --norm/--no-norm, --dtype or --root")
         raise VTError(
             f"{len(variants)} different caches match {model} on {dataset}/{split}: "
-            + "; ".join(sorted(variants))
-            + ". Narrow it with --weights, --transform, --norm/--no-norm or --dtype, or remove the one you do "
-            "not want ('vt cache ls' lists them)"
+            + "; ".join(f"{a}, {b}" for a, b in sorted(variants))
+            + f". Narrow it with {how}, or remove the one you do not want ('vt cache ls' lists them, "
+            "'vt cache rm' removes them)"
         )
-    return matches[0][0]  # newest first
+    # newest first within the same number of kinds: list_caches sorts newest first, and sorted() is stable
+    return sorted(matches, key=lambda pm: -len(pm[1].get("kinds", {})))[0][0]
 
 
 def check_compatible(caches: dict[str, "FeatureCache"]) -> None:

@@ -63,12 +63,14 @@ class Pool:
 def open_pool(model: str, dataset: str, splits: Sequence[str] | None, cache_dir=None, **filters) -> Pool:
     """Open the caches of ``splits`` (default: every split of the dataset that has a cache for ``model``)."""
     from vtbench.data import dataset_info
-    from vtbench.extract.cache import check_compatible, find_cache, list_caches, open_cache
+    from vtbench.extract.cache import check_compatible, find_cache, list_caches, open_cache, same_data
     from vtbench.paths import cache_dir as resolve_cache_dir
 
     if not splits:
+        root = filters.get("data_root")
         present = {m["split"] for _, m in list_caches(resolve_cache_dir(cache_dir))
-                   if m.get("model") == model and m.get("dataset") == dataset}
+                   if m.get("model") == model and m.get("dataset") == dataset
+                   and (root is None or same_data(m, root))}
         declared = list(dataset_info(dataset).splits)
         splits = [s for s in declared if s in present] + sorted(present - set(declared))
         if not splits:
@@ -123,6 +125,7 @@ def run_fewshot(
     queries: int | None = None,
     classes: str | None = None,
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     split: str | Sequence[str] | None = None,
     l2_normalize: bool = True,
     center: bool = False,
@@ -137,8 +140,9 @@ def run_fewshot(
     transform: str | None = None,
     norm: bool | None = None,
     dtype: str | None = None,
+    data_root: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier).
+    """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier, seed).
 
     ``sampler`` is ``md`` (Meta-Dataset variable-way variable-shot, the default) or
     ``fixed`` (``ways``-way, default 5; one run per entry of ``shots``, default 1 and 5;
@@ -147,8 +151,12 @@ def run_fewshot(
     seed itself (passing any of them too is an error). ``classes`` picks the class
     split (``test`` by default where one is defined, else ``all``). Records are saved
     to the results store unless ``save=False``; with ``skip_existing`` a stored
-    record is returned (marked ``"skipped": True``) instead of being recomputed.
+    record is returned (marked ``"skipped": True``) instead of being recomputed. ``seeds`` draws
+    one episode set per seed (each its own record); ``data_root`` narrows the caches to those
+    extracted from that dataset root.
     """
+    if seeds is not None:  # one run per seed, with every other argument as given
+        return _each_seed(dict(locals()))
     from vtbench import results as store
     from vtbench.allocator import keep_freed_memory
     from vtbench.data import canonical_spec, dataset_info
@@ -167,7 +175,7 @@ def run_fewshot(
     episodes = _episode_count(episodes)
     episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
     splits = _as_list(split) if split else None
-    filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype)
+    filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype, data_root=data_root)
 
     pool = open_pool(model, dataset, splits, cache_dir, **filters)
     try:
@@ -180,7 +188,8 @@ def run_fewshot(
                                        int(episodes), seed)
             source = {"seed": seed, "episodes": int(episodes)}
             extras = [f"{episodes}ep"] if episodes != DEFAULT_EPISODES else []
-            if subset != default_subset(info.name):
+            if classes is not None or subset != default_subset(info.name):
+                # named whenever asked for, so that one option gives one label on every dataset
                 extras.append(f"classes-{subset}")
             if sampler == "fixed" and queries != DEFAULT_QUERIES:
                 extras.append(f"q{queries}")
@@ -192,6 +201,7 @@ def run_fewshot(
         t_episodes = time.perf_counter()
 
         ref = pool.caches[0].meta
+        cache_refs = {"episodes": [c.record_ref() for c in pool.caches]}
         results_root = results_dir(results)
         lib_versions = store.versions()
         records = []
@@ -208,6 +218,7 @@ def run_fewshot(
                         "variant": _variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
                         "seed": episode_set.seed,
                         **{k: ref.get(k) for k in store.FEATURE_FIELDS},
+                        "caches": cache_refs,  # which images: part of the identity
                     }
                     path = store.stored_path(results_root, record) if skip_existing else None
                     if path is not None:
@@ -229,6 +240,16 @@ def run_fewshot(
         return records
     finally:
         pool.close()
+
+
+def _each_seed(arguments: dict) -> list[dict]:
+    """run_fewshot once per seed of ``arguments['seeds']``."""
+    from vtbench.transfer.probe import check_seeds
+
+    seeds = arguments.pop("seeds")
+    if arguments.pop("seed") is not None:
+        raise VTError("pass --seed or --seeds, not both")
+    return [rec for s in check_seeds(seeds) for rec in run_fewshot(**arguments, seed=s)]
 
 
 def _replay(episode_file: Path, dataset: str, pool: Pool) -> tuple[list[EpisodeSet], dict, dict, list[str]]:
@@ -285,6 +306,11 @@ def check_fewshot_options(*, sampler: str | None = None, classifier: str | Seque
     if isinstance(count, (int, np.integer)):
         if count < 1:
             raise VTError(f"--episodes must be at least 1, got {count}")
+        unused = [f"--{name}" for name, value in (("ways", ways), ("shots", shots), ("queries", queries))
+                  if value is not None]
+        if unused and sampler in (None, "md"):  # md draws its own ways, shots and queries: they would be ignored
+            raise VTError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to the fixed sampler only; "
+                          f"add --sampler fixed (md draws ways, shots and queries per episode)")
         _samplers(*_sampling_defaults(sampler, ways, shots, queries, seed)[:4])
         return
     if not Path(count).is_file():
@@ -348,7 +374,6 @@ def _details(scores, episode_set, pool, classifier, l2_normalize, center, C, cla
         "metrics": {"accuracy": mean, "ci95": ci95, "std": std, "episodes": len(eps)},
         "episode_accuracies": [round(float(a) * 100, 4) for a in accs],
         "splits": {"episodes": pool.splits},
-        "caches": {"episodes": [{"key": c.key, "path": str(c.path), "split": c.meta["split"]} for c in pool.caches]},
         "fewshot": {
             "sampler": episode_set.sampler.params(),
             "classifier": clf,

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from vtbench.errors import VTError
-from vtbench.results import ResultsTable, features_id, features_label, load
+from vtbench.results import ResultsTable, convergence_note, features_id, features_label, load
 from vtbench.tokens import parse_spec
 
 SCHEMA = "vtbench-leaderboard/1"
@@ -640,6 +640,23 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
             )
     notes.append("Datasets and splits: " + "; ".join(split_parts) + ".")
 
+    skipped = {}
+    for r in records:
+        for refs in (r.get("caches") or {}).values():
+            for ref in refs:
+                if ref.get("n_skipped"):
+                    total = ref["rows"] + ref["n_skipped"]
+                    ids = ", ".join(ref.get("skipped", [])) + (", ..." if ref["n_skipped"] > len(ref.get("skipped", [])) else "")
+                    skipped[(labels[r["dataset"]], ref["split"], ref.get("data_fingerprint"))] = (
+                        f"{labels[r['dataset']]}: {ref['n_skipped']} of {total} {ref['split']} images unreadable, left out "
+                        f"({ids}; root {ref.get('dataset_root')})")
+    if skipped:
+        notes.append("Skipped images: " + "; ".join(text for _, text in sorted(skipped.items())) + ".")
+    unconverged = [f"{r['model']} {r['tokens']} {r['protocol']} on {labels[r['dataset']]}: "
+                   f"{convergence_note(r, decisive_only=True)}" for r in records if convergence_note(r, decisive_only=True)]
+    if unconverged:
+        notes.append("Not converged (the solver's criterion was not met where it decides the number): "
+                     + "; ".join(sorted(unconverged)) + ".")
     versions = sorted({str(r.get("versions", {}).get("vtbench", "unrecorded")) for r in records})
     notes.append(f"vtbench version{'s' if len(versions) > 1 else ''}: {', '.join(versions)}.")
     if hidden_per_block:
