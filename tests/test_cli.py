@@ -60,4 +60,46 @@ def test_a_path_that_cannot_be_created_is_one_line_and_exit_code_2(tmp_path, cap
     blocker.write_text("not a folder")
     code, _, err = _run(["extract", "-m", "test_vit", "-d", "digits", "--random-init", "--split", "test",
                          "--no-progress", "--out", str(blocker / "cache")], capsys)
-    assert code == 2 and err.startswith("error: [Errno") and str(blocker) in err and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --out ") and str(blocker) in err and err.count("\n") == 1, err
+
+
+def test_version(vt):
+    import vtbench
+
+    res = vt("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"vtbench {vtbench.__version__}"
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path, vt):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = vt("extract", "-m", "resnet18", "-d", "digits", "--random-init", "--out", blocker / "cache")
+    assert res.returncode == 2 and res.stderr.startswith(f"error: --out {blocker / 'cache'}: cannot write there")
+    res = vt("probe", "-m", "resnet18", "-d", "digits", "-t", "prelogits", "--results", blocker)
+    assert res.returncode == 2 and f"--results {blocker}: is a file, not a folder" in res.stderr
+    res = vt("leaderboard", blocker)
+    assert res.returncode == 2 and "is a file, not a results folder" in res.stderr
+
+
+def test_cache_ls_and_verify_report_unreadable_files_and_prune_removes_them(tmp_path, vt):
+    from vtbench.extract.cache import write_cache
+    import numpy as np
+
+    root = tmp_path / "cache"
+    meta = {"format_version": 1, "model": "m", "model_kwargs": {}, "weights_sha256": "ab" * 32, "transform": {},
+            "norm": True, "dtype": "float32", "dataset": "digits", "split": "test", "data_fingerprint": "f",
+            "token_kinds": ["cls"], "precision": "fp32", "timm_version": "x", "torch_version": "y"}
+    good = write_cache(root, meta, {("cls", 0): np.ones((4, 3), np.float32)}, [0, 1, 0, 1], list("abcd"), ["0", "1"])
+    (root / "empty.h5").write_bytes(b"")
+    (root / "truncated.h5").write_bytes(good.read_bytes()[:500])
+    ls = vt("cache", "ls", "--out", root)
+    assert ls.returncode == 1 and ls.stdout.count("FAIL") == 2 and "rows 4/4" in ls.stdout and "clsx1" in ls.stdout
+    verify = vt("cache", "verify", "--out", root)
+    assert verify.returncode == 1 and verify.stdout.count("FAIL") == 2 and verify.stdout.count("ok ") == 1
+    assert vt("cache", "prune", "--out", root, "--dry-run").stdout.count("would remove") == 2
+    prune = vt("cache", "prune", "--out", root)
+    assert prune.returncode == 0 and sorted(p.name for p in root.rglob("*.h5")) == [good.name]
+    assert vt("cache", "verify", "--out", root).returncode == 0
+    rm = vt("cache", "rm", "--out", root, "-m", "m", "-d", "digits")
+    assert rm.returncode == 0 and not good.exists()
+    assert vt("cache", "rm", "--out", root).returncode == 2

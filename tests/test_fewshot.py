@@ -140,6 +140,27 @@ def test_skip_existing_and_classes_all(caches, tmp_path):
     assert again["skipped"] and again["metrics"] == first["metrics"]
 
 
+def test_classes_given_are_named_where_they_are_the_default_too(tmp_path):
+    root = tmp_path / "imgs"
+    caches = write_synthetic(tmp_path / "caches", dataset=f"imagefolder:{root}", num_classes=8)
+    kw = dict(episodes=10, classifier="ncc", cache_dir=caches, save=False)
+    (implicit,) = run_fewshot(MODEL, f"imagefolder:{root}", "cls[0]", "fixed", shots=1, queries=2, **kw)
+    (explicit,) = run_fewshot(MODEL, f"imagefolder:{root}", "cls[0]", "fixed", shots=1, queries=2, classes="all", **kw)
+    assert implicit["variant"] == "ncc+10ep+q2" and explicit["variant"] == "ncc+10ep+classes-all+q2"
+    assert explicit["metrics"] == implicit["metrics"]
+
+
+def test_seeds_run_each_seed(caches, tmp_path):
+    recs = run_fewshot(MODEL, "aircraft", "cls[-1]", classifier="ncc", episodes=10, seeds=[0, 1],
+                       cache_dir=caches, results=tmp_path / "res")
+    assert [r["seed"] for r in recs] == [0, 1] and recs[0]["episode_accuracies"] != recs[1]["episode_accuracies"]
+    (alone,) = run_fewshot(MODEL, "aircraft", "cls[-1]", classifier="ncc", episodes=10, seed=1, cache_dir=caches,
+                           save=False)
+    assert alone["episode_accuracies"] == recs[1]["episode_accuracies"]
+    with pytest.raises(VTError, match="not both"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", seed=1, seeds=[0], cache_dir=caches)
+
+
 def test_generic_dataset_defaults_to_all_classes_and_split_restricts(tmp_path):
     root = tmp_path / "imgs"
     caches = write_synthetic(tmp_path / "caches", dataset=f"imagefolder:{root}", num_classes=8)
@@ -161,6 +182,11 @@ def test_errors(caches, tmp_path):
         run_fewshot(MODEL, "aircraft", "cls[-1]", center=True, cache_dir=caches)
     with pytest.raises(VTError, match="unknown sampler"):
         run_fewshot(MODEL, "aircraft", "cls[-1]", "random", cache_dir=caches)
+    # options md does not use are refused rather than ignored
+    with pytest.raises(VTError, match=r"^--ways applies to the fixed sampler only; add --sampler fixed"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", ways=3, cache_dir=caches)
+    with pytest.raises(VTError, match=r"^--shots, --queries apply to the fixed sampler only"):
+        run_fewshot(MODEL, "aircraft", "cls[-1]", "md", shots=[1], queries=5, cache_dir=caches)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(VTError, match="not a vtbench episodes file"):
         run_fewshot(MODEL, "aircraft", "cls[-1]", episodes=tmp_path / "bad.json", cache_dir=caches)

@@ -146,6 +146,20 @@ def test_specs_batched_together_equal_each_alone(toy, tmp_path):
         assert alone["solver"]["selection"] == rec["solver"]["selection"]
 
 
+def test_seeds_run_each_seed_as_alone(tmp_path, vt):
+    cache = write_toy(tmp_path / "cache", dataset="gtsrb", splits=("train", "test"))
+    kw = dict(cache_dir=cache, device="cpu")
+    recs = run_probe(MODEL, "gtsrb", "cls[-1]", seeds=[0, 2], results_dir=tmp_path / "a", **kw)
+    assert [r["seed"] for r in recs] == [0, 2] and recs[0]["splits"]["val"] != recs[1]["splits"]["val"]
+    (alone,) = run_probe(MODEL, "gtsrb", "cls[-1]", seed=2, results_dir=tmp_path / "b", **kw)
+    assert alone["metrics"] == recs[1]["metrics"] and alone["selection"] == recs[1]["selection"]
+    with pytest.raises(VTError, match="seeds must be one or more integers >= 0"):
+        run_probe(MODEL, "gtsrb", "cls[-1]", seeds=[-1], results_dir=tmp_path / "a", **kw)
+    run = vt("probe", "-m", MODEL, "-d", "gtsrb", "--cache-dir", cache, "--results", tmp_path / "c",
+             "-t", "cls[-1]", "--seeds", "0", "1", "--device", "cpu")
+    assert run.returncode == 0 and len(store.load(tmp_path / "c")) == 2
+
+
 def test_holdout_validation_when_no_official_val(tmp_path):
     cache = write_toy(tmp_path / "cache", dataset="gtsrb", splits=("train", "test"))
     a = run_probe(MODEL, "gtsrb", "cls[-1]", cache_dir=cache, results_dir=tmp_path / "r", device="cpu")[0]

@@ -158,7 +158,7 @@ def test_markdown_marks_best_and_missing(results):
     ens = line("`cls[-4:]`", "default", "hub:fb_in1k 1a2b3c4d5e6f")
     assert "| **90.5** | **72.6** | **78.3** | **80.5** |" in ens
     assert "| **72.6** |" in line("`cls[-4:]+patch[-1]`", "default")  # a tie: both bold
-    assert "| — | 12.3 | — | 12.3 | 5.00 |" in line("`cls[-1]`", "random 9f8e7d6c5b4a")
+    assert "| — | 12.3 | — | 12.3* | 5.00* |" in line("`cls[-1]`", "random 9f8e7d6c5b4a")
     assert "| **71.2±0.8** | 80.0±0.5 |" in line("fewshot-5w5s/lr")
     assert "| 69.0±0.9 | **82.5±0.6** |" in line("fewshot-5w5s/ncc")
 
@@ -246,16 +246,38 @@ def test_filters(results):
         build_leaderboard(table, metric="f1")
 
 
-def test_seed_and_weights_columns_only_when_needed(tmp_path):
-    for seed, top1 in ((0, 50.0), (1, 52.0)):
+def test_seeds_of_one_result_are_one_row_with_mean_and_std(tmp_path):
+    for seed, top1 in ((0, 50.0), (1, 52.0), (2, 54.0)):
         save(tmp_path, record(model=DEIT, weights=DEIT_W, dataset="gtsrb", tokens="cls[-1]", seed=seed,
                               metrics={"top1": top1}))
+    save(tmp_path, record(model=DEIT, weights=DEIT_W, dataset="gtsrb", tokens="cls[-4:]", seed=0,
+                          metrics={"top1": 60.0}))
     board = build_leaderboard(load(tmp_path))
     md = board.to_markdown()
+    (multi,) = [r for r in board.sections[0].rows if r.tokens == "cls[-1]"]
+    cell = multi.cells["gtsrb"]
+    assert (cell.value, cell.std, cell.seeds, cell.values) == (52.0, 2.0, [0, 1, 2], [50.0, 52.0, 54.0])
+    assert "| `deit_small_patch16_224` | `cls[-1]` | default | 0,1,2 | 52.0±2.0 |" in md
     assert "| Model | Tokens | Protocol | Seed | gtsrb | Mean | Avg rank |" in md
-    assert [(r.seed, r.cells["gtsrb"].rank) for r in board.sections[0].rows] == [(0, 2.0), (1, 1.0)]
-    assert "Seeds: 0, 1 (see the Seed column)" in "\n".join(board.notes)
+    assert "mean ± std over seeds" in md.splitlines()[0]
+    assert "Seeds: 0, 1, 2 (see the Seed column); a cell with several is their mean ± sample std (n-1)." in board.notes
     assert "Weights" not in md.split("**Notes**")[0]
+    csv_rows = list(csv.DictReader(io.StringIO("\n".join(l for l in board.to_csv().splitlines() if l[:1] != "#"))))
+    assert sorted(r["seeds"] for r in csv_rows) == ["0", "0,1,2"]
+
+
+def test_random_init_always_shows_its_weights(tmp_path):
+    save(tmp_path, record(model=DEIT, weights={"source": "random-init:seed=0", "sha256": "7a" * 32},
+                          dataset="gtsrb", tokens="cls[-1]", metrics={"top1": 5.0}))
+    md = build_leaderboard(load(tmp_path)).to_markdown()
+    assert "| Model | Tokens | Protocol | Weights | gtsrb |" in md and "random-init:seed=0 7a7a" in md
+
+
+def test_means_over_fewer_datasets_are_marked(results):
+    sec = section(leaderboard_from_dir(results), "probe")
+    assert row(sec, "cls[-4:]").partial is False and row(sec, "cls[-4:]+patch[-1]").partial is True
+    md = leaderboard_from_dir(results).to_markdown()
+    assert "| 74.8* | 1.75* |" in md and "* = Mean and Avg rank over only the datasets" in md
 
 
 def test_dataset_labels_stay_unambiguous():
@@ -276,7 +298,7 @@ def test_csv_parses_and_json_round_trips(results):
     rows = list(csv.DictReader(io.StringIO("\n".join(data))))
     assert len(rows) == sum(len(s.rows) for s in board.sections) == 7
     ens = [r for r in rows if r["tokens"] == "cls[-4:]" and r["protocol"] == "default"][0]
-    assert (float(ens["dtd:1"]), float(ens[CALTECH]), ens["weights_sha256"], ens["seed"]) == (
+    assert (float(ens["dtd:1"]), float(ens[CALTECH]), ens["weights_sha256"], ens["seeds"]) == (
         72.6, 90.5, DEIT_W["sha256"], "0")
     lr = [r for r in rows if r["variant"] == "lr"][0]
     assert (float(lr["gtsrb"]), float(lr["gtsrb ci95"]), lr[CALTECH]) == (80.0, 0.5, "")
@@ -394,6 +416,13 @@ def test_plot_bars(results, tmp_path):
     (segments,) = [s.get_segments() for s in lr.errorbar.lines[2]]
     assert [(seg[0][1], seg[1][1]) for seg in segments] == [
         pytest.approx((71.24 - 0.81, 71.24 + 0.81)), pytest.approx((80.0 - 0.5, 80.0 + 0.5))]
+    # the y-axis starts where the data are, and every bar says its value
+    assert 0 < fewshot_ax.get_ylim()[0] < 69.0
+    assert "71.2" in [t.get_text() for t in fewshot_ax.texts]
+    # more series than matplotlib's 10-colour cycle: still a distinct look for each
+    many = plot_bars(load(results), tmp_path / "many12.png", tokens=[f"cls[{i}]" for i in range(12)])
+    styles = [(c.patches[0].get_facecolor(), c.patches[0].get_hatch()) for c in many.axes[0].containers]
+    assert len(styles) == 12 and len(set(styles)) == 12
     with pytest.raises(VTError, match="too many for one bar chart"):
         plot_bars(load(results), tmp_path / "many.png", tokens=[f"cls[{i}]" for i in range(12)] + ["patch[0:6]"]
                   + [f"patch[{i}]" for i in range(12)])

@@ -33,6 +33,25 @@ def data_root(dataset_name: str, root: str | os.PathLike | None = None) -> Path 
     return None
 
 
+def writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a folder that exists (made if needed) and takes new files; else a one-line VTError naming
+    ``option`` and the path. Called before any work, so an unwritable output fails in a second, not after
+    the extraction it would have stored."""
+    from vtbench.errors import VTError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise VTError(f"{option} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".vt-write-check.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise VTError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a torn one."""
     path = Path(path)

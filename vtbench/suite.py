@@ -494,8 +494,13 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
 
     from vtbench.extract import extract
     from vtbench.fewshot import run_fewshot
+    from vtbench.paths import cache_dir, writable_dir
     from vtbench.transfer import run_probe
 
+    # Every output folder takes files before any work (not after the first extraction).
+    writable_dir(suite.results_dir(), f"{suite.path}: results:")
+    writable_dir(suite.report_path(), f"{suite.path}: report_dir:")
+    writable_dir(cache_dir(suite.cache_dir), f"{suite.path}: cache_dir:")
     ex = dict(suite.extract)
     backbones = _build_backbones(suite, ex.get("device"))
     _check_inputs(suite, backbones, steps)

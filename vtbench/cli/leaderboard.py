@@ -37,6 +37,12 @@ def leaderboard(
 
     if fmt not in FORMATS:
         raise VTError(f"unknown --format '{fmt}'; use one of: {', '.join(FORMATS)}")
+    if out is not None:
+        from vtbench.paths import writable_dir
+
+        if out.is_dir():
+            raise VTError(f"--out {out}: is a folder; give a file name")
+        writable_dir(out.parent, "--out")
     board = leaderboard_from_dir(
         default_results_dir(results_dir),
         protocols=split_list(protocol),

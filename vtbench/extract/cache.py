@@ -485,6 +485,20 @@ def list_caches(root: str | os.PathLike, include_partial: bool = False) -> list[
     return found
 
 
+def unreadable_caches(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``.h5`` files under ``root`` that are not readable vtbench caches (zero-byte, truncated, foreign), with why."""
+    root = Path(root)
+    found = []
+    for path in sorted(root.rglob("*.h5")) if root.exists() else []:
+        try:
+            with h5py.File(path, "r") as f:
+                if read_meta(f).get("format") != FORMAT:
+                    found.append((path, "not a vtbench cache"))
+        except OSError as exc:
+            found.append((path, f"unreadable: {exc}"))
+    return found
+
+
 def write_cache(
     root: str | os.PathLike,
     meta: dict,

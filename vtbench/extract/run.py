@@ -72,7 +72,8 @@ class ExtractReport:
         text = (f"{self.model} {self.dataset}/{self.split}: {self.n} images in {self.seconds:.1f}s "
                 f"({self.images_per_s:.1f} img/s) -> {self.path}")
         if self.resumed_rows:
-            text += f" (resumed after {self.resumed_rows} rows)"
+            text += (f" (resumed: {self.resumed_rows} rows from the earlier run, {self.n - self.resumed_rows} "
+                     "computed in this one)")
         if self.skipped:
             text += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(i for i, _ in self.skipped[:5])
             text += " ..." if len(self.skipped) > 5 else ""
@@ -316,7 +317,9 @@ def extract(
         splits = [s.strip() for s in splits.split(",") if s.strip()]
     if not splits:
         raise VTError("no split to extract: --split names none")
-    root_dir = cache_dir(out)
+    from vtbench.paths import writable_dir
+
+    root_dir = writable_dir(cache_dir(out), "--out")
     use_amp = amp and dev.type == "cuda"
     precision = "bf16-autocast" if use_amp else "fp32"
     kind_filter = set(kinds) if kinds else None

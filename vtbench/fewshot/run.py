@@ -176,6 +176,10 @@ def run_fewshot(
     episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
     splits = _as_list(split) if split else None
     filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype, data_root=data_root)
+    if save:
+        from vtbench.paths import writable_dir
+
+        writable_dir(results_dir(results), "--results")
 
     pool = open_pool(model, dataset, splits, cache_dir, **filters)
     try:

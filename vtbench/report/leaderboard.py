@@ -2,7 +2,7 @@
 
 :func:`build_leaderboard` turns a :class:`~vtbench.results.ResultsTable` into a
 :class:`Leaderboard`: one table per task (probe, few-shot), with one row per
-model + weights + token spec + protocol/variant + seed and one column per
+model + weights + extraction settings + token spec + protocol/variant and one column per
 dataset, then the mean over datasets and the average rank. Notes below the
 tables say what every number is: protocols, metric, weights (sha256), seeds,
 episodes, splits and vtbench versions. Rendering (:meth:`Leaderboard.to_markdown`,
@@ -26,6 +26,7 @@ from vtbench.tokens import parse_spec
 
 SCHEMA = "vtbench-leaderboard/1"
 MISSING = "—"
+PARTIAL = "*"  # marks a Mean / Avg rank over fewer datasets than the table has
 
 # Tables come in this order; other tasks follow alphabetically.
 TASK_ORDER = ("probe", "fewshot")
@@ -87,11 +88,14 @@ _PATH_SUFFIXES = (".csv", ".tsv", ".json", ".txt")
 class Cell:
     """One number of the table and where it came from."""
 
-    value: float
+    value: float  # the mean over seeds where there are several
     ci95: float | None = None
     episodes: int | None = None
     splits: dict | None = None
     rank: float | None = None
+    std: float | None = None  # sample standard deviation (n - 1) over seeds, with two or more
+    seeds: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # one per seed, in seed order
 
 
 @dataclass
@@ -105,12 +109,17 @@ class Row:
     tokens: str
     protocol: str
     variant: str
-    seed: int
+    seeds: list[int] = field(default_factory=list)  # every seed of any cell, sorted
     cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
     features: str = ""  # vtbench.results.features_id: the extraction settings of the caches
     features_label: str = ""
     mean: float | None = None
     avg_rank: float | None = None
+    partial: bool = False  # Mean and Avg rank cover fewer datasets than the table has
+
+    @property
+    def seed_label(self) -> str:
+        return ",".join(map(str, self.seeds))
 
     @property
     def protocol_label(self) -> str:
@@ -137,11 +146,13 @@ class Section:
 
     @property
     def show_weights(self) -> bool:
-        """A weights column only where a model appears with more than one set of weights."""
+        """A weights column where a model appears with more than one set of weights, or any row is random-init
+        (so that it never reads as pretrained)."""
         seen: dict[str, set[str]] = {}
         for row in self.rows:
             seen.setdefault(row.model, set()).add(row.weights_sha256)
-        return any(len(s) > 1 for s in seen.values())
+        return any(len(s) > 1 for s in seen.values()) or any(
+            row.weights_source.startswith("random-init") for row in self.rows)
 
     @property
     def show_features(self) -> bool:
@@ -153,7 +164,11 @@ class Section:
 
     @property
     def show_seed(self) -> bool:
-        return len({r.seed for r in self.rows}) > 1
+        return len({r.seed_label for r in self.rows}) > 1
+
+    @property
+    def has_seed_spread(self) -> bool:
+        return any(c.std is not None for r in self.rows for c in r.cells.values())
 
     def row_label(self, row: Row) -> str:
         """One line naming a row (plot legends), with weights, features and seed only where the table shows them."""
@@ -163,7 +178,7 @@ class Section:
         if self.show_features:
             parts.append(row.features_label)
         if self.show_seed:
-            parts.append(f"seed {row.seed}")
+            parts.append(f"seed {row.seed_label}")
         return " · ".join(parts)
 
     def best(self) -> dict[str, float]:
@@ -194,7 +209,8 @@ class Leaderboard:
         sections = []
         for sec in data["sections"]:
             rows = [
-                Row(**{**row, "cells": {d: Cell(**c) for d, c in row["cells"].items()}}) for row in sec["rows"]
+                Row(**{**{k: v for k, v in row.items() if k != "seed"}, "seeds": row.get("seeds", [row.get("seed")]),
+                       "cells": {d: Cell(**c) for d, c in row["cells"].items()}}) for row in sec["rows"]
             ]
             sections.append(Section(**{**sec, "rows": rows}))
         return cls(sections=sections, notes=list(data["notes"]))
@@ -221,9 +237,9 @@ class Leaderboard:
                     with_ci.add(d)
         identity = [
             "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "tokens",
-            "protocol", "variant", "seed",
+            "protocol", "variant", "seed_label",
         ]
-        header = list(identity)
+        header = [("seeds" if k == "seed_label" else k) for k in identity]
         for d in datasets:
             header.append(d)
             if d in with_ci:
@@ -257,6 +273,8 @@ def _md_escape(text: str) -> str:
 
 def _section_markdown(sec: Section) -> str:
     unit = f"{sec.metric} ± 95% CI (%)" if sec.has_ci else f"{sec.metric} (%)"
+    if sec.has_seed_spread:
+        unit += "; over several seeds: mean ± std over seeds"
     head = ["Model", "Tokens", "Protocol"]
     if sec.show_weights:
         head.append("Weights")
@@ -284,16 +302,18 @@ def _section_markdown(sec: Section) -> str:
         if sec.show_features:
             cols.append(row.features_label)
         if sec.show_seed:
-            cols.append(str(row.seed))
+            cols.append(row.seed_label)
         for d in sec.datasets:
             cell = row.cells.get(d)
             if cell is None:
                 cols.append(MISSING)
             else:
-                text = f"{cell.value:.1f}" if cell.ci95 is None else f"{cell.value:.1f}±{cell.ci95:.1f}"
+                spread = cell.std if cell.std is not None else cell.ci95
+                text = f"{cell.value:.1f}" if spread is None else f"{cell.value:.1f}±{spread:.1f}"
                 cols.append(bold_if(text, cell.value, d))
-        cols.append(MISSING if row.mean is None else bold_if(f"{row.mean:.1f}", row.mean, "mean"))
-        cols.append(MISSING if row.avg_rank is None else bold_if(f"{row.avg_rank:.2f}", row.avg_rank, "avg_rank"))
+        mark = PARTIAL if row.partial else ""
+        cols.append(MISSING if row.mean is None else bold_if(f"{row.mean:.1f}{mark}", row.mean, "mean"))
+        cols.append(MISSING if row.avg_rank is None else bold_if(f"{row.avg_rank:.2f}{mark}", row.avg_rank, "avg_rank"))
         lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -485,6 +505,7 @@ def _rank_section(rows: list[Row], datasets: list[str]) -> None:
             cells = [r.cells[d] for d in datasets if d in r.cells]
             r.mean = sum(c.value for c in cells) / len(cells)
             r.avg_rank = sum(c.rank for c in cells) / len(cells)
+            r.partial = len(cells) < len(datasets)
 
 
 def build_leaderboard(
@@ -537,41 +558,45 @@ def build_leaderboard(
 
 
 def _build_section(task: str, metric: str, records: list[dict]) -> Section:
+    """One row per result identity less the seed: a cell with several seeds shows their mean (± std)."""
     rows: dict[tuple, Row] = {}
+    per_cell: dict[tuple, dict[int, dict]] = {}
     for rec in records:
         weights = rec.get("weights", {})
         features = features_id(rec)
         key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
-               weights.get("source", ""), weights["sha256"], features, rec["seed"])
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = Row(
-                task=task,
-                model=rec["model"],
-                weights_source=weights.get("source", ""),
-                weights_sha256=weights["sha256"],
-                tokens=rec["tokens"],
-                protocol=rec["protocol"],
-                variant=rec.get("variant", ""),
-                seed=rec["seed"],
-                features=features,
-                features_label=features_label(rec),
-            )
-        metrics = rec["metrics"]
-        with_ci = task == "fewshot" and metric == "accuracy"
-        episodes = metrics.get("episodes")
-        row.cells[rec["dataset"]] = Cell(
-            value=float(metrics[metric]),
-            ci95=float(metrics["ci95"]) if with_ci and "ci95" in metrics else None,
-            episodes=int(episodes) if episodes is not None else None,
-            splits=rec.get("splits"),
-        )
+               weights.get("source", ""), weights["sha256"], features)
+        if key not in rows:
+            rows[key] = Row(task=task, model=rec["model"], weights_source=weights.get("source", ""),
+                            weights_sha256=weights["sha256"], tokens=rec["tokens"], protocol=rec["protocol"],
+                            variant=rec.get("variant", ""), features=features, features_label=features_label(rec))
+        per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
+    for (key, dataset), by_seed in per_cell.items():
+        rows[key].cells[dataset] = _cell(task, metric, by_seed)
+    for row in rows.values():
+        row.seeds = sorted({s for c in row.cells.values() for s in c.seeds})
     specs = sorted({rec["dataset"] for rec in records})
     labels = dataset_labels(specs)
     columns = sorted(specs, key=lambda s: (labels[s], s))
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k[:7]) + (k[7],))]
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k))]
     _rank_section(ordered, columns)
     return Section(task=task, metric=metric, datasets=columns, labels=labels, rows=ordered)
+
+
+def _cell(task: str, metric: str, by_seed: dict[int, dict]) -> Cell:
+    """The cell of one row and dataset: the metric of each seed's record, their mean and sample std."""
+    seeds = sorted(by_seed)
+    values = [float(by_seed[s]["metrics"][metric]) for s in seeds]
+    first = by_seed[seeds[0]]["metrics"]
+    with_ci = task == "fewshot" and metric == "accuracy" and "ci95" in first and len(seeds) == 1
+    episodes = first.get("episodes")
+    mean = sum(values) / len(values)
+    std = None
+    if len(values) > 1:
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return Cell(value=mean, ci95=float(first["ci95"]) if with_ci else None,
+                episodes=int(episodes) if episodes is not None else None,
+                splits=by_seed[seeds[0]].get("splits"), std=std, seeds=seeds, values=values)
 
 
 def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, lacking: dict, metric) -> list[str]:
@@ -607,10 +632,17 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
         + "."
     )
     seeds = sorted({r["seed"] for r in records})
+    seed_sets = {tuple(c.seeds) for sec in sections for row in sec.rows for c in row.cells.values()}
     if len(seeds) == 1:
         notes.append(f"Seed: {seeds[0]} for every cell.")
+    elif len(seed_sets) == 1:
+        notes.append(f"Seeds: {', '.join(map(str, seeds))} for every cell; a cell is their mean ± sample std (n-1).")
     else:
-        notes.append(f"Seeds: {', '.join(map(str, seeds))} (see the Seed column).")
+        notes.append(f"Seeds: {', '.join(map(str, seeds))} (see the Seed column); a cell with several is their "
+                     "mean ± sample std (n-1).")
+    if any(row.partial for sec in sections for row in sec.rows):
+        notes.append(f"{PARTIAL} = Mean and Avg rank over only the datasets that row has, fewer than its table's; "
+                     "not comparable with full rows.")
 
     episodes: dict[str, set] = {}
     for r in records:
@@ -672,6 +704,8 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
 def load_results(results_dir: str | os.PathLike) -> ResultsTable:
     """Load a results directory; VTError when it is missing or holds no results."""
     root = Path(results_dir)
+    if root.is_file():
+        raise VTError(f"{root} is a file, not a results folder (give the folder that holds the result files)")
     if not root.is_dir():
         raise VTError(f"results directory {root} does not exist")
     table = load(root)

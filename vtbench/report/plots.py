@@ -135,6 +135,17 @@ def plot_per_block(
     return fig
 
 
+def _series_styles(n: int) -> tuple[list, list[str]]:
+    """A distinct (colour, hatch) for each of ``n`` bar series: tab10's colours, then again with hatches
+    (matplotlib's own cycle repeats after 10, so two series looked the same)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    hatches = ["", "//", "..", "xx", "\\\\"]
+    return ([palette[i % len(palette)] for i in range(n)],
+            [hatches[(i // len(palette)) % len(hatches)] for i in range(n)])
+
+
 def plot_bars(
     table: ResultsTable,
     out: str | os.PathLike,
@@ -168,26 +179,29 @@ def plot_bars(
     for ax, sec in zip(axes, board.sections):
         x = np.arange(len(sec.datasets))
         width = 0.8 / len(sec.rows)
+        colors, hatches = _series_styles(len(sec.rows))
+        shown = []
         for i, row in enumerate(sec.rows):
             cells = [row.cells.get(d) for d in sec.datasets]
             heights = [np.nan if c is None else c.value for c in cells]
-            errors = None
-            if sec.has_ci:
-                errors = [np.nan if c is None or c.ci95 is None else c.ci95 for c in cells]
-            ax.bar(
-                x - 0.4 + (i + 0.5) * width,
-                heights,
-                width,
-                yerr=errors,
-                capsize=3 if errors else 0,
-                label=sec.row_label(row),
-                color=f"C{i % 10}",
-            )
+            spreads = [np.nan if c is None or (c.std is None and c.ci95 is None)
+                       else (c.std if c.std is not None else c.ci95) for c in cells]
+            errors = None if np.isnan(spreads).all() else spreads
+            bars = ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, yerr=errors, capsize=3 if errors else 0,
+                          label=sec.row_label(row), color=colors[i], hatch=hatches[i], edgecolor="0.25",
+                          linewidth=0.5)
+            ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.1f}" for h in heights], fontsize=7,
+                         padding=1, rotation=90 if len(sec.rows) > 6 else 0)
+            shown += [h for h in heights if not np.isnan(h)]
         ax.set_xticks(x, [sec.labels[d] for d in sec.datasets])
         ax.set_ylabel(f"{sec.metric} (%)")
-        ax.set_ylim(bottom=0)
+        low, high = min(shown), max(shown)
+        # Start where the data are (differences of a few points are what the chart is for), not at 0.
+        pad = max(1.0, 0.1 * (high - low))
+        ax.set_ylim(max(0.0, low - 2 * pad), min(100.0, high + 2 * pad) if high <= 100 else high + 2 * pad)
         ax.grid(True, axis="y", alpha=0.3)
-        ci = ", error bars: 95% CI" if sec.has_ci else ""
+        spread = [name for name, shown in (("95% CI", sec.has_ci), ("std over seeds", sec.has_seed_spread)) if shown]
+        ci = f", error bars: {' or '.join(spread)}" if spread else ""
         ax.set_title(f"{sec.task}: {sec.metric}{ci}")
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
     _save(fig, out)

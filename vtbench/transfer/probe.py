@@ -501,6 +501,7 @@ def run_probe(
     from vtbench.data import dataset_info
     from vtbench.device import resolve_device
     from vtbench.paths import results_dir as default_results_dir
+    from vtbench.paths import writable_dir
 
     keep_freed_memory()  # as vt does: batched solves reuse large blocks
 
@@ -513,7 +514,7 @@ def run_probe(
         raise VTError("no token specs: pass --tokens (e.g. 'cls[-1]' 'cls[-4:]') or --per-block")
     dev = resolve_device(device)
     info = dataset_info(dataset)
-    results_root = default_results_dir(results_dir)
+    results_root = writable_dir(default_results_dir(results_dir), "--results")
 
     wanted_kinds = set().union(*(s.kinds for s in specs)) if specs else set()
     caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, transform=transform, norm=norm,
