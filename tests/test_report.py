@@ -435,3 +435,13 @@ def test_cli_plots(results, tmp_path, capsys):
             main(["plot", *args, "--out", str(out)])
         assert exc.value.code == 0
         assert_png(out)
+
+
+def test_features_note_says_what_norm_did_per_architecture(tmp_path):
+    save(tmp_path, record(model=RN50, weights=RN50_W, dataset="gtsrb", tokens="prelogits", arch="cnn",
+                          metrics={"top1": 50.0}))
+    save(tmp_path, record(model=DEIT, weights=DEIT_W, dataset="gtsrb", tokens="cls[-1]", arch="vit",
+                          metrics={"top1": 60.0}))
+    (note,) = [n for n in build_leaderboard(load(tmp_path)).notes if n.startswith("Features")]
+    assert f"{RN50} [" in note and "no final norm to apply (CNN" in note
+    assert f"{DEIT} [" in note and "the final norm on every block (--norm)" in note and "ViTs:" not in note

@@ -177,3 +177,13 @@ def test_run_only_some_of_the_suites_datasets(tmp_path, vt):
     assert res.returncode == 0 and "digits" in res.stdout and "imagefolder" not in res.stdout
     res = vt("run", path, "--dry-run", "--datasets", "dtd")
     assert res.returncode == 2 and "'dtd' is not one of the suite's datasets (imagefolder:" in res.stderr
+
+
+def test_docs_suite_md_lists_every_key():
+    from pathlib import Path
+
+    from vtbench.suite import key_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "suite.md"
+    assert page.read_text() == key_reference(), "docs/suite.md is stale: regenerate it with 'vt run --keys > docs/suite.md'"
+    assert "| `seeds` | `--seeds` |" in page.read_text() and "| `plots` |" in page.read_text()

@@ -100,7 +100,7 @@ def features_label(record: dict, full: bool = False) -> str:
     return (f"{t.get('mode', '?')} transform {size[0]}x{size[1]} px"
             + (f", {t.get('crop_mode', 'center')} crop {t['crop_pct']:g}" if t.get("crop_pct") is not None else ", no crop")
             + f", {t.get('interpolation', '?')}, mean ({mean}), std ({std}); "
-            + ("--norm (ViTs: the final norm on every block)" if record.get("norm", True) else "--no-norm")
+            + _norm_words(record)
             + f"; stored as {record.get('dtype', 'unrecorded dtype')}; forward in {record.get('precision') or 'unrecorded precision'}")
 
 
@@ -138,6 +138,15 @@ def data_id(record: dict) -> str | None:
         return None
     pairs = sorted({(ref["split"], ref["data_fingerprint"]) for ref in refs})
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
+def _norm_words(record: dict) -> str:
+    """What the norm setting did: only ViTs have a final norm to apply to every block."""
+    if record.get("arch") == "cnn":
+        return "no final norm to apply (CNN: pooled stages as they are)"
+    if record.get("arch") == "vit":
+        return "the final norm on every block (--norm)" if record.get("norm", True) else "blocks without the final norm (--no-norm)"
+    return "--norm (ViTs: the final norm on every block)" if record.get("norm", True) else "--no-norm"
 
 
 def identity(record: dict) -> dict:

@@ -46,12 +46,20 @@ SUITE_OWNED = {
     "extract": {"model", "dataset", "root", "split", "out", "pretrained", "checkpoint", "random_init", "seed",
                 "model_kwargs", "progress", "force"},
     "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
-              "data_root"},
+              "root"},
     "fewshot": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
-                "save_episodes", "episodes_file", "data_root"},
+                "save_episodes", "episodes_file", "root"},
     "leaderboard": {"results_dir", "out", "fmt"},
 }
-MODEL_KEYS = {"model", "pretrained", "checkpoint", "random_init", "seed", "model_kwargs", "tokens"}
+MODEL_KEYS = {
+    "model": "timm model name",
+    "pretrained": "timm's pretrained weights (the default; fetched from the HF hub)",
+    "checkpoint": "a weights file, hub:ID or pkg:PACKAGE instead",
+    "random_init": "random weights (the no-pretraining reference)",
+    "seed": "seed of the random init",
+    "model_kwargs": "keyword arguments for timm.create_model, e.g. {img_size: 224}",
+    "tokens": "token specs for this model (default: the probe/fewshot section's)",
+}
 PLOTS = ("per-block", "bars")
 _PER_BLOCK = re.compile(r"(cls|patch|stage)\[\d+\]")  # how per-block specs are recorded: cls[3]
 
@@ -160,6 +168,35 @@ def _command_params(command: str) -> dict:
     return {p.name: p for p in cmd.params}
 
 
+def key_reference() -> str:
+    """Every key a suite file takes, in markdown (docs/suite.md is this text; `vt run --keys` prints it).
+
+    Section keys are the options of the `vt` command of that name (their help text is theirs); the keys
+    a suite sets itself (model, dataset, caches, results, roots) are left out of the sections.
+    """
+    lines = ["# Suite files: every key", "",
+             "A suite (`vt run SUITE.yaml`) is a YAML mapping. This page is generated from the code "
+             "(`vt run --keys`), so it lists exactly what `vt run` accepts.", "", "## Top level", "",
+             "| key | meaning |", "|---|---|"]
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines += [f"| `{k}` | {cell(v)} |" for k, v in TOP_LEVEL_KEYS.items()]
+    lines += ["", "## `models:` entries", "", "| key | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {cell(v)} |" for k, v in MODEL_KEYS.items()]
+    for section in ("extract", "probe", "fewshot", "leaderboard"):
+        params = {k: p for k, p in sorted(_command_params(section).items())
+                  if k not in SUITE_OWNED.get(section, set())}
+        lines += ["", f"## `{section}:` (the options of `vt {section}`)", "", "| key | option | meaning |",
+                  "|---|---|---|"]
+        for name, param in params.items():
+            flag = max(getattr(param, "opts", []) or [name], key=len)
+            lines.append(f"| `{name}` | `{flag}` | {cell(getattr(param, 'help', '') or '')} |")
+        if section == "leaderboard":
+            lines.append(f"| `plots` | | plots written beside the leaderboard: {', '.join(PLOTS)} (default: all) |")
+    return "\n".join(lines) + "\n"
+
+
 def _convert(param, value, where: str):
     """Check and convert a YAML value against the Python type of a `vt` option (int, float, bool, str, path, lists)."""
     import typing
@@ -230,7 +267,7 @@ def _model_entry(item, index: int, source: str) -> ModelEntry:
         item = {"model": item}
     if not isinstance(item, dict) or "model" not in item:
         raise VTError(f"{where}: each model needs at least 'model: <timm name>'")
-    unknown = set(item) - MODEL_KEYS
+    unknown = set(item) - set(MODEL_KEYS)
     if unknown:
         raise VTError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(MODEL_KEYS))}")
     params = _command_params("extract")
@@ -497,13 +534,13 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     from vtbench.paths import cache_dir, writable_dir
     from vtbench.transfer import run_probe
 
-    # Every output folder takes files before any work (not after the first extraction).
-    writable_dir(suite.results_dir(), f"{suite.path}: results:")
-    writable_dir(suite.report_path(), f"{suite.path}: report_dir:")
-    writable_dir(cache_dir(suite.cache_dir), f"{suite.path}: cache_dir:")
     ex = dict(suite.extract)
     backbones = _build_backbones(suite, ex.get("device"))
     _check_inputs(suite, backbones, steps)
+    # Every output folder takes files before any work (not after the first extraction), once the inputs are sound.
+    writable_dir(suite.results_dir(), f"{suite.path}: results:")
+    writable_dir(suite.report_path(), f"{suite.path}: report_dir:")
+    writable_dir(cache_dir(suite.cache_dir), f"{suite.path}: cache_dir:")
     selection = suite.cache_selection()
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")

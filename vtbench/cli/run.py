@@ -19,10 +19,14 @@ def run(
     datasets: Optional[List[str]] = typer.Option(
         None, "--datasets", "--dataset", "-d", help="Run only these of the suite's datasets (repeat or comma-separate)."
     ),
+    keys: bool = typer.Option(False, "--keys", help="Print every key a suite file takes (docs/suite.md) and stop."),
 ) -> None:
     """Run a suite: models x datasets x token specs x protocols. Finished work is skipped, so reruns resume."""
-    from vtbench.suite import load_suite, run_suite
+    from vtbench.suite import key_reference, load_suite, run_suite
 
+    if keys:
+        typer.echo(key_reference(), nl=False)
+        return
     suite = load_suite(config)
     if datasets:
         suite = suite.only(split_list(datasets))

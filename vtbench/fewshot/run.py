@@ -222,6 +222,7 @@ def run_fewshot(
                         "variant": _variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
                         "seed": episode_set.seed,
                         **{k: ref.get(k) for k in store.FEATURE_FIELDS},
+                        "arch": ref.get("arch"),
                         "caches": cache_refs,  # which images: part of the identity
                     }
                     path = store.stored_path(results_root, record) if skip_existing else None

@@ -621,14 +621,14 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
         + "; ".join(f"{m} = {src or 'unrecorded source'} (sha256 {sha[:12]})" for m, src, sha in weights)
         + "."
     )
-    settings: dict[str, tuple[set, str]] = {}
-    for r in records:
-        models, _ = settings.setdefault(features_id(r), (set(), features_label(r, full=True)))
+    settings: dict[tuple, tuple[set, str]] = {}
+    for r in records:  # by settings and architecture: the norm setting means something else for CNNs
+        models, _ = settings.setdefault((features_id(r), str(r.get("arch"))), (set(), features_label(r, full=True)))
         models.add(r["model"])
     notes.append(
         "Features (extraction settings of the caches): "
-        + "; ".join(f"{', '.join(sorted(m))} [{fid}]: {text}" for fid, (m, text) in sorted(settings.items(),
-                                                                                         key=lambda kv: sorted(kv[1][0])))
+        + "; ".join(f"{', '.join(sorted(m))} [{key[0]}]: {text}"
+                    for key, (m, text) in sorted(settings.items(), key=lambda kv: sorted(kv[1][0])))
         + "."
     )
     seeds = sorted({r["seed"] for r in records})

@@ -612,6 +612,7 @@ def _record_base(caches: CacheSet, proto: str, splits: tuple, seed: int, standar
         "dataset": meta["dataset"],
         "seed": seed,
         **{k: meta.get(k) for k in store.FEATURE_FIELDS},  # the caches' extraction settings
+        "arch": meta.get("arch"),
         "num_classes": len(ref.class_names),
         "protocol": proto,
         "variant": _variant(proto, standardize),
