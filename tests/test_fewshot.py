@@ -150,6 +150,17 @@ def test_classes_given_are_named_where_they_are_the_default_too(tmp_path):
     assert explicit["metrics"] == implicit["metrics"]
 
 
+def test_long_runs_say_how_far_they_are(caches, monkeypatch):
+    import vtbench.fewshot.run as fewshot_run
+
+    monkeypatch.setattr(fewshot_run, "PROGRESS_EVERY_S", 0.0)
+    lines = []
+    run_fewshot(MODEL, "aircraft", ["cls[-1]", "cls[0]"], classifier=["ncc", "lr"], episodes=5, cache_dir=caches,
+                save=False, log=lines.append)
+    assert [line.split(" (")[0] for line in lines] == ["  1/4 results", "  2/4 results", "  3/4 results"]
+    assert all("s left" in line for line in lines)
+
+
 def test_seeds_run_each_seed(caches, tmp_path):
     recs = run_fewshot(MODEL, "aircraft", "cls[-1]", classifier="ncc", episodes=10, seeds=[0, 1],
                        cache_dir=caches, results=tmp_path / "res")

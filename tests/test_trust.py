@@ -96,3 +96,29 @@ def test_default_and_sklearn_solve_the_same_problem(lite0_cache_dir, tmp_path):
         assert len(both) >= 8, spec
         for g in both:
             assert abs(ours["selection"]["val_top1"][g] - ref["selection"]["val_top1"][g]) <= 0.5, (spec, g)
+
+
+def test_a_suite_reads_the_caches_of_its_roots(broken_copy, tmp_path, lite0_weights):
+    from vtbench.suite import load_suite, plan, run_suite
+
+    cache, copy, _ = broken_copy
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"""
+suite: roots
+datasets: [dtd]
+roots: {{dtd: {SHARED_DATA / 'dtd'}}}
+cache_dir: {cache}
+results: {tmp_path / 'results'}
+models:
+  - model: {MODEL}
+    checkpoint: {lite0_weights}
+    tokens: [prelogits]
+probe: {{protocol: [default]}}
+leaderboard: {{plots: []}}
+""")
+    suite = load_suite(path)
+    (extract_step,) = [s for s in plan(suite) if s.kind == "extract"]
+    assert extract_step.done and "3/3 cached" in extract_step.line()
+    run_suite(suite, progress=False, log=lambda msg: None)
+    (rec,) = store.load(tmp_path / "results").records
+    assert rec["n"]["train"] == 130 and {r["dataset_root"] for r in rec["caches"]["train"]} == {str(SHARED_DATA / "dtd")}

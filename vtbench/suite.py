@@ -556,13 +556,13 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                 say(f"== {dataset}: probe {entry.label}")
                 for rec in run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe),
                                      suite.probe.get("protocol") or ["default"], results_dir=suite.results,
-                                     **opts, **pick):
+                                     log=say, **opts, **pick):
                     say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
             if suite.fewshot is not None:
                 opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
                 say(f"== {dataset}: few-shot {entry.label}")
                 for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot),
-                                       results=suite.results, dtype=selection["dtype"], **opts, **pick):
+                                       results=suite.results, dtype=selection["dtype"], log=say, **opts, **pick):
                     m = rec["metrics"]
                     state = " (stored)" if rec.get("skipped") else ""
                     say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "

@@ -53,6 +53,7 @@ def fewshot(
         classes=classes, seed=seed, seeds=seeds or None, split=split_list(split), l2_normalize=l2_normalize, center=center, C=C,
         save_episodes=save_episodes, cache_dir=cache_dir, results=results, skip_existing=skip_existing,
         device=device, weights=weights, transform=transform, norm=norm, dtype=dtype, data_root=root,
+        log=lambda msg: typer.echo(msg, err=True),
     )
     for rec in records:
         m = rec["metrics"]

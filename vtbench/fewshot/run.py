@@ -13,12 +13,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from vtbench.device import resolve_device
 from vtbench.errors import VTError
+from vtbench.progress import Progress
 from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
@@ -29,6 +30,7 @@ from vtbench.tokens import TokenSpec, parse_spec
 from vtbench.transfer.solver import CRITERION
 
 SAMPLERS = ("md", "fixed")
+PROGRESS_EVERY_S = 10.0  # long runs report progress at most this often
 DEFAULT_EPISODES = 600
 DEFAULT_QUERIES = 15
 
@@ -141,6 +143,7 @@ def run_fewshot(
     norm: bool | None = None,
     dtype: str | None = None,
     data_root: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier, seed).
 
@@ -209,6 +212,8 @@ def run_fewshot(
         results_root = results_dir(results)
         lib_versions = store.versions()
         records = []
+        progress = Progress(log or (lambda msg: None), len(specs) * len(sets) * len(classifiers), "result",
+                            PROGRESS_EVERY_S)
         for spec in specs:
             for episode_set in sets:
                 for name in classifiers:
@@ -242,6 +247,7 @@ def run_fewshot(
                     if save:
                         record["_path"] = str(store.save(results_root, record))
                     records.append(record)
+                    progress.step(f"{spec} {episode_set.sampler.protocol}/{name}")
         return records
     finally:
         pool.close()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from vtbench.errors import VTError
+from vtbench.progress import Progress
 from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
 from vtbench.transfer import knn as knn_lib
 from vtbench.transfer.features import VAL_FRACTION, CacheSet, Split, stratified_holdout
@@ -242,7 +243,7 @@ def _logistic(task: Task, backend: str) -> list[dict]:
     """default / sklearn, one token spec at a time: each spec's solve is then exactly the one it gets
     alone, whatever else the call probes (batched specs differed in the last digits, which weakly
     regularised problems turned into different test predictions)."""
-    progress = _Progress(task.say, len(task.specs), "spec")
+    progress = Progress(task.say, len(task.specs), "spec", PROGRESS_EVERY_S)
     out = []
     for spec in task.specs:
         out.append(_logistic_spec(task, spec, backend))
@@ -325,24 +326,6 @@ def _solver_description(backend: str, dev) -> dict:
             "criterion": CRITERION + " (checked in float64; sklearn's own tol starts at 1e-4 * max |grad at 0| and "
                          f"is divided by 10, warm-starting, until it holds, at most {SKLEARN_REFINEMENTS} times)",
             "max_iter": SKLEARN_MAX_ITER}
-
-
-class _Progress:
-    """Progress lines for a long loop: done/total, elapsed and time left, at most every PROGRESS_EVERY_S."""
-
-    def __init__(self, say: Callable[[str], None], total: int, noun: str):
-        self.say, self.total, self.noun = say, total, noun
-        self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if self.done < self.total and now - self.last >= PROGRESS_EVERY_S:
-            left = (now - self.t0) / self.done * (self.total - self.done)
-            self.say(f"  {self.done}/{self.total} {self.noun}s ({what}) after {now - self.t0:.0f}s, "
-                     f"about {left:.0f}s left")
-            self.last = now
 
 
 def _ipvit(task: Task) -> list[dict]:
