@@ -74,7 +74,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, vt):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     res = vt("extract", "-m", "resnet18", "-d", "digits", "--random-init", "--out", blocker / "cache")
-    assert res.returncode == 2 and res.stderr.startswith(f"error: --out {blocker / 'cache'}: cannot write there")
+    assert res.returncode == 2 and res.stderr.startswith(f"error: --out {blocker / 'cache'}: cannot be made")
     res = vt("probe", "-m", "resnet18", "-d", "digits", "-t", "prelogits", "--results", blocker)
     assert res.returncode == 2 and f"--results {blocker}: is a file, not a folder" in res.stderr
     res = vt("leaderboard", blocker)

@@ -34,17 +34,21 @@ def data_root(dataset_name: str, root: str | os.PathLike | None = None) -> Path 
 
 
 def writable_dir(path: str | os.PathLike, option: str) -> Path:
-    """``path`` as a folder that exists (made if needed) and takes new files; else a one-line VTError naming
-    ``option`` and the path. Called before any work, so an unwritable output fails in a second, not after
-    the extraction it would have stored."""
+    """``path`` if it is a folder that takes new files, or could be made as one; else a one-line VTError
+    naming ``option`` and the path. Nothing is created. Called before any work, so an unwritable output
+    fails in a second, not after the extraction it would have stored."""
     from vtbench.errors import VTError
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise VTError(f"{option} {path}: is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise VTError(f"{option} {path}: cannot be made, {existing} is a file")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".vt-write-check.{os.getpid()}"
+        probe = existing / f".vt-write-check.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

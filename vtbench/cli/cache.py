@@ -59,7 +59,10 @@ def ls(
     from vtbench.extract.cache import unreadable_caches
     from vtbench.paths import cache_dir
 
+    from vtbench.data import canonical_spec
+
     root = cache_dir(out)
+    dataset = canonical_spec(dataset) if dataset else None  # as caches name it: dtd -> dtd:1
     rows = _selected(root, model, dataset, None, partial)
     broken = unreadable_caches(root) if model is None and dataset is None else []
     if not rows and not broken:

@@ -127,10 +127,11 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
     """
     P = X.shape[0]
     if backend == "vtbench":
-        if init is None and l2.shape[1] > 1:
-            with reuse_bases():  # the grid's runs share the features' principal axes
-                return _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol)
-        return _batched_fit(X, y, l2, num_classes, class_mask, tol, init)
+        features = (X, X.double())  # float32 for the rough phase, float64 to finish (see _batched_fit)
+        with reuse_bases():  # the grid's runs share the features' principal axes
+            if init is None and l2.shape[1] > 1:
+                return _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol)
+            return _batched_fit(features, y, l2, num_classes, class_mask, tol, init)
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -174,9 +175,11 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
 _FIT_FIELDS = ("W", "b", "iterations", "converged", "loss", "grad_norm")
 
 
-def _batched_fit(X, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit:
+def _batched_fit(features, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit:
     """``fit_logreg`` over every feature matrix and grid value given: in float32 to FLOAT32_TOL, then, for a
-    tighter ``tol``, on from there in float64 (float32 stalls above 1e-3 on weakly regularised problems)."""
+    tighter ``tol``, on from there in float64 (float32 stalls above 1e-3 on weakly regularised problems).
+    ``features`` is the pair (float32, float64) of one ``(P, n, d)`` tensor."""
+    X, X64 = features
     P = X.shape[0]
 
     def fit(X, tol, init):
@@ -186,8 +189,7 @@ def _batched_fit(X, y, l2, num_classes, class_mask, tol, init=None) -> LogRegFit
     rough = fit(X, max(tol, FLOAT32_TOL), init)
     if tol >= FLOAT32_TOL:
         return rough
-    with reuse_bases():
-        fine = fit(X.double(), tol, rough)
+    fine = fit(X64, tol, rough)
     return replace(fine, iterations=rough.iterations + fine.iterations)
 
 
@@ -200,7 +202,7 @@ def _concat_fits(fits: list[LogRegFit], dim: int) -> LogRegFit:
     return LogRegFit(**joined, class_mask=mask)
 
 
-def _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol) -> LogRegFit:
+def _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol) -> LogRegFit:
     """The grid coarse to fine: every other L2 value first (recursively; the coarsest level, at most 3
     values, is a chain from the strongest regularisation down, each started from the last solution and
     the strongest from zero), then the values in between in one batched run, each started from the
@@ -211,16 +213,16 @@ def _staggered_grid_fit(X, y, l2, num_classes, class_mask, tol) -> LogRegFit:
     if G < 4:  # the coarsest level: a chain from the strongest regularisation down, each from the last
         fits, init = [], None
         for g in sorted(range(G), key=lambda g: -float(l2[0, g])):
-            fits.append((g, _batched_fit(X, y, l2[:, [g]], num_classes, class_mask, tol, init)))
+            fits.append((g, _batched_fit(features, y, l2[:, [g]], num_classes, class_mask, tol, init)))
             init = (fits[-1][1].W, fits[-1][1].b)
         return _concat_fits([fit for _, fit in sorted(fits, key=lambda item: item[0])], dim=1)
     first, second = list(range(0, G, 2)), list(range(1, G, 2))
-    fit1 = _staggered_grid_fit(X, y, l2[:, first], num_classes, class_mask, tol)
+    fit1 = _staggered_grid_fit(features, y, l2[:, first], num_classes, class_mask, tol)
     lower = torch.tensor([g // 2 for g in second])
     upper = torch.tensor([min(g // 2 + 1, len(first) - 1) for g in second])
     W0 = (fit1.W[:, lower] + fit1.W[:, upper]) / 2
     b0 = (fit1.b[:, lower] + fit1.b[:, upper]) / 2
-    fit2 = _batched_fit(X, y, l2[:, second], num_classes, class_mask, tol, init=(W0, b0))
+    fit2 = _batched_fit(features, y, l2[:, second], num_classes, class_mask, tol, init=(W0, b0))
     order = torch.argsort(torch.tensor(first + second))
     joined = _concat_fits([fit1, fit2], dim=1)
     return LogRegFit(**{f: getattr(joined, f)[:, order] for f in _FIT_FIELDS}, class_mask=joined.class_mask)

@@ -237,9 +237,10 @@ class _Objective:
             pc = ps[lo : lo + chunk]
             # Every problem of every feature matrix present (the common case early on): no gathers needed.
             dense = len(pc) == P and K == P * self.G
+            every_matrix = len(pc) == P  # (a probe solves one feature matrix: never copy it)
 
             def rows(t):
-                return t if dense else t[pc]
+                return t if every_matrix else t[pc]
 
             members = torch.nonzero((group >= lo) & (group < lo + len(pc))).squeeze(1)
             g_loc, s_loc = group[members] - lo, slot[members]
@@ -280,7 +281,13 @@ class _Objective:
 
 
 class _History:
-    """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``, with ``s'y`` and ``y'y``) and the product ``H g``."""
+    """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``, with ``s'y`` and ``y'y``) and the product ``H g``.
+
+    Every problem's pairs sit in the same slots: each step takes the next slot for all of them, and a
+    problem that pushed nothing in that step (a rejected step) marks its slot invalid. Reading a pair is
+    then a view, never a gather of rows from different slots (which, once problems fell out of step,
+    cost a quarter of a probe's solve).
+    """
 
     def __init__(self, K: int, D: int, m: int, like: torch.Tensor):
         self.m = m
@@ -288,55 +295,54 @@ class _History:
         self.Y = like.new_zeros(K, m, D)
         self.sy = like.new_ones(K, m)
         self.yy = like.new_ones(K, m)
-        self.count = torch.zeros(K, dtype=torch.long, device=like.device)
-        self.newest = torch.full((K,), m - 1, dtype=torch.long, device=like.device)
+        self.valid = torch.zeros(K, m, dtype=torch.bool, device=like.device)
+        self.steps = 0  # pushes so far (all problems together)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """``(K,)`` pairs each problem holds."""
+        return self.valid.sum(1)
 
     def push(self, mask: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
-        """Append the pair ``(s, y)`` of every row where ``mask`` is set."""
-        rows = mask.nonzero().squeeze(1)
-        slot = (self.newest[rows] + 1) % self.m
-        s, y = s[rows], y[rows]
-        self.S[rows, slot] = s
-        self.Y[rows, slot] = y
-        self.sy[rows, slot] = (s * y).sum(1)
-        self.yy[rows, slot] = y.square().sum(1)
-        self.newest[rows] = slot
-        self.count[rows] = (self.count[rows] + 1).clamp_max(self.m)
+        """Append the pair ``(s, y)`` of every row where ``mask`` is set (the others' slot is invalid)."""
+        slot = self.steps % self.m
+        self.S[:, slot] = s
+        self.Y[:, slot] = y
+        self.sy[:, slot] = torch.where(mask, (s * y).sum(1), 1.0)
+        self.yy[:, slot] = torch.where(mask, y.square().sum(1), 1.0)
+        self.valid[:, slot] = mask
+        self.steps += 1
 
     def reset(self, mask: torch.Tensor) -> None:
-        self.count[mask.nonzero().squeeze(1)] = 0  # slots beyond count are never read
+        self.valid[mask] = False
 
     def keep(self, rows: torch.Tensor) -> None:
         self.S, self.Y, self.sy, self.yy = self.S[rows], self.Y[rows], self.sy[rows], self.yy[rows]
-        self.count, self.newest = self.count[rows], self.newest[rows]
+        self.valid = self.valid[rows]
 
     def _pair(self, age: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``s, y (K, D)``, ``s'y (K,)`` and validity of every row's pair ``age`` steps before its newest."""
-        slot = (self.newest - age) % self.m
-        if bool((slot == slot[0]).all()):  # the usual case: every problem pushed in step, no gather needed
-            s, y, sy = self.S[:, int(slot[0])], self.Y[:, int(slot[0])], self.sy[:, int(slot[0])]
-        else:
-            rows = torch.arange(len(slot), device=slot.device)
-            s, y, sy = self.S[rows, slot], self.Y[rows, slot], self.sy[rows, slot]
-        return s, y, sy, age < self.count
+        """``s, y (K, D)``, ``s'y (K,)`` and validity of every row's pair pushed ``age`` steps before the newest."""
+        slot = (self.steps - 1 - age) % self.m
+        return self.S[:, slot], self.Y[:, slot], self.sy[:, slot], self.valid[:, slot]
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
         """``-H g`` for every row: the two-loop recursion (Nocedal 1980), ``H0 = gamma I``, ``gamma = s'y / y'y``
-        of the newest pair (1 without pairs)."""
+        of the newest valid pair (1 without pairs)."""
         q = g.clone()
         alphas = []
-        pairs = int(self.count.max()) if len(self.count) else 0  # older slots hold no row's pairs yet
+        pairs = min(self.steps, self.m)
+        gamma = torch.ones_like(q[:, 0])
+        found = torch.zeros_like(q[:, 0], dtype=torch.bool)
         for age in range(pairs):  # newest to oldest
             s, y, sy, valid = self._pair(age)
             alpha = torch.where(valid, (s * q).sum(1) / sy, 0.0)
             q -= alpha[:, None] * y
             alphas.append(alpha)
-        last = self.newest[:, None]
-        gamma = torch.where(self.count > 0, (self.sy.gather(1, last) / self.yy.gather(1, last))[:, 0], 1.0)
+            newest = valid & ~found
+            gamma = torch.where(newest, sy / self.yy[:, (self.steps - 1 - age) % self.m], gamma)
+            found |= newest
         r = q.mul_(gamma[:, None])
         for age in reversed(range(pairs)):  # oldest to newest
-            # fetched again rather than kept from the first loop: when rows' slots differ, each pair is a
-            # gathered copy, and keeping them all would double the history's memory
             s, y, sy, valid = self._pair(age)
             beta = (y * r).sum(1) / sy
             r += torch.where(valid, alphas[age] - beta, 0.0)[:, None] * s
