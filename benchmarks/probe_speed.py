@@ -5,11 +5,11 @@ standardisation, the same L2 grid (vtbench.transfer.L2_GRID), the same validatio
 selection and the same refit; only the solver differs:
 
   default  vtbench's batched L-BFGS (the grid coarse to fine with warm starts, the refit
-           warm-started), each problem stopped at ||grad|| <= tol * l2 ||W|| (tol 1e-2 on the
-           grid, 1e-3 on the refit: the weights within 1% / 0.1% of the optimum)
-  sklearn  LogisticRegression(lbfgs), one problem at a time, from zero, held to the same
-           criterion: its own tol starts at 1e-4 * max |grad at 0| and is divided by 10
-           (warm-starting) until the criterion holds, at most 4 times; max_iter 10000
+           warm-started), each problem stopped at vtbench's criterion with tol 1e-5 on the
+           grid and the refit (vtbench.transfer.probe.SELECT_TOL / REFIT_TOL)
+  sklearn  LogisticRegression(lbfgs) on float64 features, one problem at a time, from zero,
+           held to the same criterion: its own tol starts at 1e-4 * max |grad at 0| and is
+           divided by 10 (warm-starting) until the criterion holds, at most 8 times
 
 Problems:
   (a) tf_efficientnet_lite0 pre-logits of shared Caltech-101 (2020 train / 1010 test,

@@ -445,3 +445,24 @@ def test_features_note_says_what_norm_did_per_architecture(tmp_path):
     (note,) = [n for n in build_leaderboard(load(tmp_path)).notes if n.startswith("Features")]
     assert f"{RN50} [" in note and "no final norm to apply (CNN" in note
     assert f"{DEIT} [" in note and "the final norm on every block (--norm)" in note and "ViTs:" not in note
+
+
+def test_unconverged_probes_say_what_and_reach_the_notes(tmp_path):
+    from vtbench.results import convergence_note
+
+    solver = {"tol": {"selection": 1e-5, "refit": 1e-5},
+              "selection": {"converged": [True, False, True], "grad_norm": [0, 1, 0], "iterations": [1, 1, 1]},
+              "refit": {"converged": True, "grad_norm": 1e-6, "iterations": 3, "loss": 0.1}}
+    selection = {"grid": [0.1, 1.0, 10.0], "chosen": 10.0, "val_top1": [1, 2, 3]}
+    quiet = record(model=DEIT, weights=DEIT_W, dataset="gtsrb", tokens="cls[-1]", solver=solver, selection=selection,
+                   metrics={"top1": 50.0})
+    assert convergence_note(quiet) == "1/3 grid fits not converged" and convergence_note(quiet, decisive_only=True) == ""
+    loud = dict(quiet, tokens="cls[-4:]", selection=dict(selection, chosen=1.0),
+                solver=dict(solver, refit=dict(solver["refit"], converged=False, grad_norm=3e-4)))
+    assert convergence_note(loud) == ("refit not converged (measure 3.0e-04 > 1e-05); chosen l2=1 not converged in the "
+                                      "selection; 1/3 grid fits not converged")
+    save(tmp_path, quiet)
+    save(tmp_path, loud)
+    notes = build_leaderboard(load(tmp_path)).notes
+    (note,) = [n for n in notes if n.startswith("Not converged")]
+    assert "cls[-4:] default on gtsrb: refit not converged" in note and "cls[-1]" not in note
