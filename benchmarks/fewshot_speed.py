@@ -83,7 +83,7 @@ def main() -> None:
           f"tokens: {args.tokens}, C={args.C}")
 
     spec = parse_spec(args.tokens)
-    for sampler, shots in (("md", (5,)), ("fixed", (5,)), ("fixed", (1,))):
+    for sampler, shots in (("md", None), ("fixed", (5,)), ("fixed", (1,))):  # md draws its own shots
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "episodes.json"
             # ncc is quick: this call only draws and saves the episodes (and reports ncc for reference).
