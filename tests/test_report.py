@@ -466,3 +466,24 @@ def test_unconverged_probes_say_what_and_reach_the_notes(tmp_path):
     notes = build_leaderboard(load(tmp_path)).notes
     (note,) = [n for n in notes if n.startswith("Not converged")]
     assert "cls[-4:] default on gtsrb: refit not converged" in note and "cls[-1]" not in note
+
+
+def test_results_on_other_images_are_other_rows_and_curves(tmp_path):
+    def refs(fingerprint, root):
+        return {"train": [{"key": fingerprint * 4, "split": "train", "data_fingerprint": fingerprint * 8,
+                           "dataset_root": root, "rows": 10, "n_skipped": 0, "skipped": []}]}
+
+    for fingerprint, root, top1 in (("a", "/data/dtd", 80.0), ("b", "/copy/dtd", 70.0)):
+        save(tmp_path, record(model=DEIT, weights=DEIT_W, dataset="dtd:1", tokens="cls[-1]", caches=refs(fingerprint, root),
+                              metrics={"top1": top1}))
+        for block in range(3):
+            save(tmp_path, record(model=DEIT, weights=DEIT_W, dataset="dtd:1", tokens=f"cls[{block}]",
+                                  caches=refs(fingerprint, root), metrics={"top1": top1 + block}))
+    board = build_leaderboard(load(tmp_path))
+    values = sorted(r.cells["dtd:1"].value for r in board.sections[0].rows)
+    assert values == [70.0, 80.0]  # never one cell holding whichever record came last
+    md = board.to_markdown()
+    assert "| Data |" in md and "(/copy/dtd)" in md and "(/data/dtd)" in md
+    fig = plot_per_block(load(tmp_path), "dtd:1", tmp_path / "pb.png")
+    labels = sorted(line.get_label() for line in fig.axes[0].get_lines())
+    assert len(labels) == 2 and "(/copy/dtd)" in labels[0] and "(/data/dtd)" in labels[1]

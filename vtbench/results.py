@@ -140,6 +140,16 @@ def data_id(record: dict) -> str | None:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
 
 
+def data_label(record: dict) -> str:
+    """Which images a record was computed on, in words: its data id and the dataset roots of its caches."""
+    ident = data_id(record)
+    if ident is None:
+        return "data not recorded"
+    roots = sorted({str(ref.get("dataset_root") or "in memory")
+                    for refs in record["caches"].values() for ref in refs})
+    return f"data {ident} ({', '.join(roots)})"
+
+
 def _norm_words(record: dict) -> str:
     """What the norm setting did: only ViTs have a final norm to apply to every block."""
     if record.get("arch") == "cnn":

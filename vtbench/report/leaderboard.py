@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from vtbench.errors import VTError
-from vtbench.results import ResultsTable, convergence_note, features_id, features_label, load
+from vtbench.results import ResultsTable, convergence_note, data_id, data_label, features_id, features_label, load
 from vtbench.tokens import parse_spec
 
 SCHEMA = "vtbench-leaderboard/1"
@@ -113,6 +113,8 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
     features: str = ""  # vtbench.results.features_id: the extraction settings of the caches
     features_label: str = ""
+    data: str = ""  # vtbench.results.data_id: which images ("" where not recorded)
+    data_label: str = ""
     mean: float | None = None
     avg_rank: float | None = None
     partial: bool = False  # Mean and Avg rank cover fewer datasets than the table has
@@ -163,6 +165,15 @@ class Section:
         return any(len(s) > 1 for s in seen.values())
 
     @property
+    def show_data(self) -> bool:
+        """A data column only where one model, weights and setting appear with results on other images
+        (another root, a copy with other files): such cells are never merged into one."""
+        seen: dict[tuple, set[str]] = {}
+        for row in self.rows:
+            seen.setdefault((row.model, row.weights_sha256, row.features), set()).add(row.data)
+        return any(len(s) > 1 for s in seen.values())
+
+    @property
     def show_seed(self) -> bool:
         return len({r.seed_label for r in self.rows}) > 1
 
@@ -177,6 +188,8 @@ class Section:
             parts.append(row.weights_label)
         if self.show_features:
             parts.append(row.features_label)
+        if self.show_data:
+            parts.append(row.data_label)
         if self.show_seed:
             parts.append(f"seed {row.seed_label}")
         return " · ".join(parts)
@@ -236,7 +249,7 @@ class Leaderboard:
                 if sec.has_ci:
                     with_ci.add(d)
         identity = [
-            "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "tokens",
+            "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "data", "tokens",
             "protocol", "variant", "seed_label",
         ]
         header = [("seeds" if k == "seed_label" else k) for k in identity]
@@ -280,6 +293,8 @@ def _section_markdown(sec: Section) -> str:
         head.append("Weights")
     if sec.show_features:
         head.append("Features")
+    if sec.show_data:
+        head.append("Data")
     if sec.show_seed:
         head.append("Seed")
     id_cols = len(head)
@@ -301,6 +316,8 @@ def _section_markdown(sec: Section) -> str:
             cols.append(row.weights_label)
         if sec.show_features:
             cols.append(row.features_label)
+        if sec.show_data:
+            cols.append(row.data_label)
         if sec.show_seed:
             cols.append(row.seed_label)
         for d in sec.datasets:
@@ -564,12 +581,14 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     for rec in records:
         weights = rec.get("weights", {})
         features = features_id(rec)
+        data = data_id(rec) or ""
         key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
-               weights.get("source", ""), weights["sha256"], features)
+               weights.get("source", ""), weights["sha256"], features, data)
         if key not in rows:
             rows[key] = Row(task=task, model=rec["model"], weights_source=weights.get("source", ""),
                             weights_sha256=weights["sha256"], tokens=rec["tokens"], protocol=rec["protocol"],
-                            variant=rec.get("variant", ""), features=features, features_label=features_label(rec))
+                            variant=rec.get("variant", ""), features=features, features_label=features_label(rec),
+                            data=data, data_label=data_label(rec))
         per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
     for (key, dataset), by_seed in per_cell.items():
         rows[key].cells[dataset] = _cell(task, metric, by_seed)
@@ -684,8 +703,9 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
                         f"({ids}; root {ref.get('dataset_root')})")
     if skipped:
         notes.append("Skipped images: " + "; ".join(text for _, text in sorted(skipped.items())) + ".")
-    unconverged = [f"{r['model']} {r['tokens']} {r['protocol']} on {labels[r['dataset']]}: "
-                   f"{convergence_note(r, decisive_only=True)}" for r in records if convergence_note(r, decisive_only=True)]
+    decisive = {id(r): convergence_note(r, decisive_only=True) for r in records}
+    unconverged = [f"{r['model']} {r['tokens']} {r['protocol']} on {labels[r['dataset']]}: {decisive[id(r)]}"
+                   for r in records if decisive[id(r)]]
     if unconverged:
         notes.append("Not converged (the solver's criterion was not met where it decides the number): "
                      + "; ".join(sorted(unconverged)) + ".")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vtbench.errors import VTError
 from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block, short_source
-from vtbench.results import ResultsTable, features_id, features_label
+from vtbench.results import ResultsTable, data_id, data_label, features_id, features_label
 from vtbench.tokens import parse_spec
 
 # A bar chart with more rows than this is unreadable: narrow it with filters instead.
@@ -80,12 +80,13 @@ def plot_per_block(
             raise VTError(f"no per-block results for models {', '.join(models)} on {spec} (have: {', '.join(have)})")
 
     series: dict[tuple, dict[int, float]] = {}
-    feature_labels: dict[str, str] = {}
+    feature_labels: dict[tuple, tuple[str, str]] = {}
     for rec in records:
         term = parse_spec(rec["tokens"]).terms[0]
         weights = rec["weights"]
-        features = features_id(rec)
-        feature_labels[features] = features_label(rec)
+        # Results on other images (another root) are other series, never points of one curve.
+        features = (features_id(rec), data_id(rec) or "")
+        feature_labels[features] = (features_label(rec), data_label(rec))
         group = (rec["model"], weights["sha256"], weights.get("source", ""), rec.get("variant", ""), rec["seed"], features)
         series.setdefault(group + (term.kind,), {})[term.start] = float(rec["metrics"][metric])
 
@@ -101,8 +102,12 @@ def plot_per_block(
         parts = [model]
         if len(weights_per_model[model]) > 1:
             parts.append(f"{short_source(source, model) or 'weights'} {sha[:12]}")
-        if len(features_per_weights[(model, sha)]) > 1:
-            parts.append(feature_labels[features])
+        settings = features_per_weights[(model, sha)]
+        settings_text, data_text = feature_labels[features]
+        if len({f for f, _ in settings}) > 1:  # name only what differs: the settings, the data, or both
+            parts.append(settings_text)
+        if len({d for _, d in settings}) > 1:
+            parts.append(data_text)
         if variant:
             parts.append(variant)
         if len(seeds) > 1:
