@@ -416,11 +416,11 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
     canon = canonical_spec(dataset)
     wanted = suite.cache_selection()
 
+    from vtbench.extract.cache import same_data
+
     root = suite.data_root_for(dataset)
 
     def on_suite_data(r: dict) -> bool:
-        from vtbench.extract.cache import same_data
-
         refs = [ref for refs in (r.get("caches") or {}).values() for ref in refs]
         return root is None or all(same_data(ref, root) for ref in refs if "data_fingerprint" in ref)
 

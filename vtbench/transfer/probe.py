@@ -193,13 +193,12 @@ def _batched_fit(features, y, l2, num_classes, class_mask, tol, init=None) -> Lo
     return replace(fine, iterations=rough.iterations + fine.iterations)
 
 
-def _concat_fits(fits: list[LogRegFit], dim: int) -> LogRegFit:
-    """Fits joined along the problem (0) or grid (1) axis."""
+def _concat_grid(fits: list[LogRegFit]) -> LogRegFit:
+    """Fits of the same feature matrices joined along the grid axis."""
     if len(fits) == 1:
         return fits[0]
-    joined = {f: torch.cat([getattr(fit, f) for fit in fits], dim=dim) for f in _FIT_FIELDS}
-    mask = torch.cat([fit.class_mask for fit in fits]) if dim == 0 else fits[0].class_mask
-    return LogRegFit(**joined, class_mask=mask)
+    joined = {f: torch.cat([getattr(fit, f) for fit in fits], dim=1) for f in _FIT_FIELDS}
+    return LogRegFit(**joined, class_mask=fits[0].class_mask)
 
 
 def _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol) -> LogRegFit:
@@ -215,7 +214,7 @@ def _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol) -> LogReg
         for g in sorted(range(G), key=lambda g: -float(l2[0, g])):
             fits.append((g, _batched_fit(features, y, l2[:, [g]], num_classes, class_mask, tol, init)))
             init = (fits[-1][1].W, fits[-1][1].b)
-        return _concat_fits([fit for _, fit in sorted(fits, key=lambda item: item[0])], dim=1)
+        return _concat_grid([fit for _, fit in sorted(fits, key=lambda item: item[0])])
     first, second = list(range(0, G, 2)), list(range(1, G, 2))
     fit1 = _staggered_grid_fit(features, y, l2[:, first], num_classes, class_mask, tol)
     lower = torch.tensor([g // 2 for g in second])
@@ -224,7 +223,7 @@ def _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol) -> LogReg
     b0 = (fit1.b[:, lower] + fit1.b[:, upper]) / 2
     fit2 = _batched_fit(features, y, l2[:, second], num_classes, class_mask, tol, init=(W0, b0))
     order = torch.argsort(torch.tensor(first + second))
-    joined = _concat_fits([fit1, fit2], dim=1)
+    joined = _concat_grid([fit1, fit2])
     return LogRegFit(**{f: getattr(joined, f)[:, order] for f in _FIT_FIELDS}, class_mask=joined.class_mask)
 
 
@@ -546,7 +545,6 @@ def _open_splits(caches: CacheSet, protocols: list[str], info) -> dict[str, tupl
 
 def _final_specs(caches: CacheSet, specs: list[TokenSpec], per_block: bool) -> list[TokenSpec]:
     """The specs to probe (with the per-block ones), each checked against every opened cache."""
-    caches.check(kinds=set().union(*(s.kinds for s in specs)) if specs else set())
     ref = caches.reference
     if per_block:
         specs = specs + per_block_specs(ref.kinds)
