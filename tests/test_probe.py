@@ -146,6 +146,32 @@ def test_specs_batched_together_equal_each_alone(toy, tmp_path):
         assert alone["solver"]["selection"] == rec["solver"]["selection"]
 
 
+def test_specs_with_identical_features_are_solved_once(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(CLASSES), 10)
+    cls = {("cls", b): (3 * rng.normal(size=(len(labels), DIM)) + labels[:, None] * b).astype(np.float32) for b in range(2)}
+    for split in ("train", "val", "test"):
+        meta = dict(_meta("dtd:1", split), token_kinds=["cls", "prelogits"])
+        feats = {**cls, ("prelogits", 0): cls[("cls", 1)]}  # a ViT's prelogits: its last class token
+        write_cache(tmp_path / "cache", meta, feats, labels, [f"{split}/{i}" for i in range(len(labels))],
+                    [f"c{c}" for c in range(CLASSES)])
+    solved, lines = [], []
+    real = probe_module._logistic_spec
+    monkeypatch.setattr(probe_module, "_logistic_spec", lambda task, spec, backend: solved.append(str(spec)) or
+                        real(task, spec, backend))
+    recs = run_probe(MODEL, "dtd", ["cls[-1]", "cls[0]", "prelogits"], cache_dir=tmp_path / "cache",
+                     results_dir=tmp_path / "r", device="cpu", log=lines.append)
+    assert solved == ["cls[-1]", "cls[0]"]
+    assert "  prelogits: the same features as cls[-1], whose result it shares" in lines
+    last, first, pre = recs
+    assert pre["tokens"] == "prelogits" and pre["timings"]["same_features_as"] == "cls[-1]"
+    assert pre["metrics"] == last["metrics"] and pre["selection"] == last["selection"]
+    (alone,) = run_probe(MODEL, "dtd", ["prelogits"], cache_dir=tmp_path / "cache", results_dir=tmp_path / "alone",
+                         device="cpu")
+    assert alone["metrics"] == pre["metrics"] and alone["selection"] == pre["selection"]
+    assert first["metrics"] != last["metrics"]
+
+
 def test_seeds_run_each_seed_as_alone(tmp_path, vt):
     cache = write_toy(tmp_path / "cache", dataset="gtsrb", splits=("train", "test"))
     kw = dict(cache_dir=cache, device="cpu")
