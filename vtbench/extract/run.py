@@ -229,7 +229,7 @@ def _progress(total: int, desc: str, enabled: bool):
                 smoothing=0.1, file=sys.stderr)
 
 
-def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
+def _as_backbones(models, weights, model_kwargs, input_size, seed, device, say) -> list:
     import torch
 
     from vtbench.models import Backbone, create_backbone
@@ -238,7 +238,7 @@ def _as_backbones(models, weights, model_kwargs, seed, device) -> list:
     out = []
     for item in items:
         bb = item if isinstance(item, Backbone) else create_backbone(
-            item, weights, model_kwargs=model_kwargs, seed=seed, device=device)
+            item, weights, model_kwargs=model_kwargs, input_size=input_size, seed=seed, device=device, log=say)
         # channels_last is ~1.6x faster for CNNs on CPU as on GPU (oneDNN's NHWC kernels) and neutral for ViTs.
         bb.model.to(device, memory_format=torch.channels_last)
         out.append(bb)
@@ -324,7 +324,7 @@ def extract(
     precision = "bf16-autocast" if use_amp else "fp32"
     kind_filter = set(kinds) if kinds else None
 
-    backbones = _as_backbones(model, weights, model_kwargs, seed, dev)
+    backbones = _as_backbones(model, weights, model_kwargs, input_size, seed, dev, say)
     # One decode pass per distinct transform.
     groups: dict[str, list] = {}
     for bb in backbones:

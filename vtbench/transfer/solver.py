@@ -169,7 +169,7 @@ def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Te
         U, Xc = Q, R.transpose(1, 2)
     variance = None
     if precondition == "principal":  # rotate onto the principal axes (eigenvectors of the covariance): W's norm is unchanged
-        variance, V = torch.linalg.eigh(Xc.transpose(1, 2) @ Xc / n_valid[:, None, None])
+        variance, V = _principal_axes(Xc.transpose(1, 2) @ Xc / n_valid[:, None, None])
         Xc = Xc @ V
         U = V if U is None else U @ V
         variance = variance.clamp_min(0)
@@ -177,6 +177,16 @@ def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Te
         variance = Xc.square().sum(1) / n_valid[:, None]
     Z = torch.cat([Xc, weight], dim=2).contiguous()
     return _Basis(Z=Z, mu=mu, U=U, variance=variance, scale=scale)
+
+
+def _principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of covariances ``(P, r, r)``. Near-constant features (a random-init ViT's class token,
+    stored in float16) can make float32 ``eigh`` fail to converge: those are decomposed in float64."""
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:
+        variance, V = torch.linalg.eigh(cov.double())
+        return variance.to(cov.dtype), V.to(cov.dtype)
 
 
 def feature_scale(Xc: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
