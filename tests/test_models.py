@@ -344,3 +344,11 @@ def test_package_weights_predict_imagenet_classes(lite0_weights, shared_data):
     assert torch.equal(package_logits, shared_logits)
     assert torch.equal(package_logits.argmax(1), expected)
     assert (untrained_logits.argmax(1) != expected).all()
+
+
+def test_input_size_sizes_a_cnn_transform_and_builds_a_vit():
+    cnn = create_backbone("tf_efficientnet_lite0", "random", input_size=96)
+    assert tuple(cnn.data_config["input_size"]) == (3, 96, 96) and cnn.model_kwargs == {}
+    vit = create_backbone("test_vit", "random", input_size=32)
+    assert vit.model_kwargs == {"img_size": 32} and tuple(vit.model.patch_embed.img_size) == (32, 32)
+    assert tuple(vit.data_config["input_size"]) == (3, 32, 32)

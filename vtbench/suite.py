@@ -37,7 +37,7 @@ TOP_LEVEL_KEYS = {
     "results": "results store (default: $VT_RESULTS, else ./results)",
     "report_dir": "where leaderboard.md/.csv and plots are written",
     "extract": "options of `vt extract`",
-    "probe": "options of `vt probe` (omit the section to skip probes)",
+    "probe": "options of `vt probe` (omit the section to skip probes), plus per_block_protocols",
     "fewshot": "options of `vt fewshot` (omit the section to skip few-shot)",
     "leaderboard": "options of `vt leaderboard`, plus plots: [per-block, bars]",
 }
@@ -59,8 +59,15 @@ MODEL_KEYS = {
     "seed": "seed of the random init",
     "model_kwargs": "keyword arguments for timm.create_model, e.g. {img_size: 224}",
     "tokens": "token specs for this model (default: the probe/fewshot section's)",
+    "input_size": "input size for this model (a ViT is built for it), instead of the extract section's",
 }
 PLOTS = ("per-block", "bars")
+# Suite-only keys of a section (not options of its command), with what they mean.
+SECTION_EXTRAS = {
+    "probe": {"per_block_protocols": "the protocols that also get the per-block specs (default: every protocol); "
+                                     "the per-block plot shows the first"},
+    "leaderboard": {"plots": f"plots written beside the leaderboard: {', '.join(PLOTS)} (default: all)"},
+}
 _PER_BLOCK = re.compile(r"(cls|patch|stage)\[\d+\]")  # how per-block specs are recorded: cls[3]
 
 
@@ -73,6 +80,7 @@ class ModelEntry:
     seed: int = 0
     model_kwargs: dict = field(default_factory=dict)
     tokens: list[str] | None = None
+    input_size: int | None = None
 
     @property
     def label(self) -> str:
@@ -128,6 +136,10 @@ class Suite:
         """The extract section's transform mode, norm and dtype, with extract's defaults: which caches are the suite's."""
         ex = self.extract
         return {"transform": ex.get("transform", "model"), "norm": ex.get("norm", True), "dtype": ex.get("dtype", "float16")}
+
+    def input_size_for(self, entry: "ModelEntry") -> int | None:
+        """The input size this model's caches are made at: its own ``input_size``, else the extract section's."""
+        return entry.input_size if entry.input_size is not None else self.extract.get("input_size")
 
     def root_for(self, dataset: str) -> str | None:
         name = dataset.split(":", 1)[0]
@@ -192,8 +204,8 @@ def key_reference() -> str:
         for name, param in params.items():
             flag = max(getattr(param, "opts", []) or [name], key=len)
             lines.append(f"| `{name}` | `{flag}` | {cell(getattr(param, 'help', '') or '')} |")
-        if section == "leaderboard":
-            lines.append(f"| `plots` | | plots written beside the leaderboard: {', '.join(PLOTS)} (default: all) |")
+        for name, meaning in SECTION_EXTRAS.get(section, {}).items():
+            lines.append(f"| `{name}` | | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
@@ -241,9 +253,7 @@ def _section(raw: dict, section: str, source: str) -> dict:
     if not isinstance(values, dict):
         raise VTError(f"{source}: '{section}' must be a mapping of `vt {section}` options")
     params = _command_params(section)
-    allowed = set(params) - SUITE_OWNED[section]
-    if section == "leaderboard":
-        allowed |= {"plots"}
+    allowed = set(params) - SUITE_OWNED[section] | set(SECTION_EXTRAS.get(section, {}))
     out = {}
     for key, value in values.items():
         where = f"{source}: {section}.{key}"
@@ -256,6 +266,14 @@ def _section(raw: dict, section: str, source: str) -> dict:
             if bad:
                 raise VTError(f"{where}: unknown plot {bad[0]!r}; choose from {', '.join(PLOTS)}")
             out[key] = plots
+            continue
+        if key == "per_block_protocols":
+            from vtbench.transfer.probe import check_probe_options
+
+            try:
+                out[key] = check_probe_options(protocol=value if isinstance(value, list) else [value])
+            except VTError as exc:
+                raise VTError(f"{where}: {exc}") from None
             continue
         out[key] = _convert(params[key], value, where)
     return out
@@ -282,7 +300,8 @@ def _model_entry(item, index: int, source: str) -> ModelEntry:
     tokens = item.get("tokens")
     if tokens is not None:
         tokens = [str(t) for t in (tokens if isinstance(tokens, list) else [tokens])]
-    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens)
+    size = _convert(params["input_size"], item["input_size"], f"{where}.input_size") if "input_size" in item else None
+    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens, size)
 
 
 def load_suite(path: str | os.PathLike | None = None) -> Suite:
@@ -428,7 +447,7 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
         t = r.get("transform") or {}
         if {"transform": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
             return False
-        size = suite.extract.get("input_size")
+        size = suite.input_size_for(entry)
         return size is None or list(t.get("input_size") or [])[1:] == [size, size]
 
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
@@ -463,7 +482,7 @@ def plan(suite: Suite) -> list[Step]:
                         canon = str(parse_spec(spec))
                         hit = any(r["tokens"] == canon and r["protocol"] == protocol for r in stored)
                         steps.append(Step("probe", dataset, f"{entry.label} {canon} {protocol}", hit))
-                    if suite.probe.get("per_block"):
+                    if protocol in per_block_protocols(suite):
                         n = sum(1 for r in stored if r["protocol"] == protocol and _PER_BLOCK.fullmatch(r["tokens"]))
                         steps.append(Step("probe", dataset, f"{entry.label} per-block {protocol} ({n} stored)", n > 0))
             if suite.fewshot is not None:
@@ -488,7 +507,7 @@ def _build_backbones(suite: Suite, device: str | None, say) -> list:
     from vtbench.models import create_backbone
 
     dev = resolve_device(device)
-    return [create_backbone(e.model, e.weights, model_kwargs=e.model_kwargs, input_size=suite.extract.get("input_size"),
+    return [create_backbone(e.model, e.weights, model_kwargs=e.model_kwargs, input_size=suite.input_size_for(e),
                             seed=e.seed, device=dev, log=say)
             for e in suite.models]
 
@@ -533,9 +552,9 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     from vtbench.extract import extract
     from vtbench.fewshot import run_fewshot
     from vtbench.paths import cache_dir, writable_dir
-    from vtbench.transfer import run_probe
 
     ex = dict(suite.extract)
+    ex.pop("input_size", None)  # each backbone is built, and its transform sized, for its own (input_size_for)
     backbones = _build_backbones(suite, ex.get("device"), say)
     _check_inputs(suite, backbones, steps)
     # Every output folder takes files before any work (not after the first extraction), once the inputs are sound.
@@ -553,11 +572,8 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                         transform=selection["transform"], norm=selection["norm"],
                         data_root=suite.data_root_for(dataset))
             if suite.probe is not None:
-                opts = {k: v for k, v in suite.probe.items() if k not in ("tokens", "protocol")}
                 say(f"== {dataset}: probe {entry.label}")
-                for rec in run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe),
-                                     suite.probe.get("protocol") or ["default"], results_dir=suite.results,
-                                     log=say, **opts, **pick):
+                for rec in _run_probes(suite, entry, dataset, pick, say):
                     say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
             if suite.fewshot is not None:
                 opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
@@ -570,6 +586,29 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                         f"{m['accuracy']:.2f} ± {m['ci95']:.2f}{state}")
     write_report(suite, say)
     return steps
+
+
+def per_block_protocols(suite: Suite) -> list[str]:
+    """The probe protocols that also run the per-block specs."""
+    if not suite.probe or not suite.probe.get("per_block"):
+        return []
+    protocols = suite.probe.get("protocol") or ["default"]
+    return [p for p in protocols if p in suite.probe.get("per_block_protocols", protocols)]
+
+
+def _run_probes(suite: Suite, entry: ModelEntry, dataset: str, pick: dict, say) -> list[dict]:
+    """The probe section for one model and dataset: the per-block protocols with the per-block specs, the others without."""
+    from vtbench.transfer import run_probe
+
+    opts = {k: v for k, v in suite.probe.items() if k not in ("tokens", "protocol", "per_block", "per_block_protocols")}
+    with_blocks = per_block_protocols(suite)
+    without = [p for p in suite.probe.get("protocol") or ["default"] if p not in with_blocks]
+    records = []
+    for protocols, per_block in ((with_blocks, True), (without, False)):
+        if protocols:
+            records += run_probe(entry.model, dataset, _tokens(suite, entry, suite.probe), protocols,
+                                 per_block=per_block, results_dir=suite.results, log=say, **opts, **pick)
+    return records
 
 
 def write_report(suite: Suite, say: Callable[[str], Any]) -> Path:
@@ -589,14 +628,14 @@ def write_report(suite: Suite, say: Callable[[str], Any]) -> Path:
     (out / "leaderboard.csv").write_text(board.to_csv())
     say(f"== leaderboard ({out / 'leaderboard.md'})")
     say(board.to_markdown())
-    if "per-block" in plots and suite.probe and suite.probe.get("per_block"):
+    if "per-block" in plots and per_block_protocols(suite):
         from vtbench.report.plots import plot_per_block
 
         for dataset in suite.datasets:
             from vtbench.data import canonical_spec
 
             png = out / f"per_block_{canonical_spec(dataset).replace(':', '_').replace('/', '_')}.png"
-            plot_per_block(table, canonical_spec(dataset), png, protocol=(suite.probe.get("protocol") or ["default"])[0])
+            plot_per_block(table, canonical_spec(dataset), png, protocol=per_block_protocols(suite)[0])
             say(f"   plot: {png}")
     if "bars" in plots:
         from vtbench.report.plots import plot_bars

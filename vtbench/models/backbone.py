@@ -216,15 +216,17 @@ def inspect_architecture(model: torch.nn.Module, name: str) -> tuple[str, dict[s
     return "vit", prefix, layout
 
 
-def resolve_data_config(model: torch.nn.Module) -> dict:
-    """timm's data config for ``model``, with the input size the model was built for (e.g. ``img_size=32``)."""
+def resolve_data_config(model: torch.nn.Module, input_size: int | None = None) -> dict:
+    """timm's data config for ``model``, with the input size the model was built for (e.g. ``img_size=32``),
+    or ``input_size`` where given (a CNN takes any)."""
     from timm.data import resolve_data_config as timm_resolve
 
     config = timm_resolve({}, model=model)
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and tuple(img_size) != tuple(config["input_size"][1:]):
-        config = timm_resolve({"input_size": (config["input_size"][0], *img_size)}, model=model)
+    size = (input_size, input_size) if input_size is not None else img_size
+    if size is not None and tuple(size) != tuple(config["input_size"][1:]):
+        config = timm_resolve({"input_size": (config["input_size"][0], *size)}, model=model)
     return config
 
 
@@ -274,7 +276,7 @@ def create_backbone(
         model_kwargs=model_kwargs,
         weights_source=source,
         weights_sha256=sha256,
-        data_config=resolve_data_config(model),
+        data_config=resolve_data_config(model, input_size),
         arch=arch,
         num_prefix_tokens=sum(prefix.values()),
         layout=layout,

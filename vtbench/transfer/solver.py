@@ -181,20 +181,27 @@ def _compute_basis(X: torch.Tensor, sample_mask: torch.Tensor, n_valid: torch.Te
 
 def _principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``eigh`` of covariances ``(P, r, r)``. Near-constant features (a random-init ViT's class token,
-    stored in float16) can make float32 ``eigh`` fail to converge: those are decomposed in float64."""
+    stored in float16) can make float32 ``eigh`` fail to converge, or return NaN: those are decomposed in float64."""
     try:
-        return torch.linalg.eigh(cov)
+        variance, V = torch.linalg.eigh(cov)
+        if bool(torch.isfinite(variance).all()) and bool(torch.isfinite(V).all()):
+            return variance, V
     except torch.linalg.LinAlgError:
-        variance, V = torch.linalg.eigh(cov.double())
-        return variance.to(cov.dtype), V.to(cov.dtype)
+        pass
+    # Single-threaded, the same matrices come back as NaN instead of raising.
+    variance, V = torch.linalg.eigh(cov.double())
+    return variance.to(cov.dtype), V.to(cov.dtype)
 
 
 def feature_scale(Xc: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
     """RMS deviation ``(P,)`` of the non-constant columns of centred features ``Xc (P, n, d)`` (zero-padded
     columns do not count, so padding changes nothing)."""
     variance = Xc.square().sum(1) / n_valid[:, None]
-    columns = (variance > 0).sum(1).clamp_min(1)
-    return (variance.sum(1) / columns).sqrt().clamp_min(torch.finfo(Xc.dtype).tiny)
+    columns = (variance > 0).sum(1)
+    scale = (variance.sum(1) / columns.clamp_min(1)).sqrt()
+    # Constant features (a random-init DINOv2 ViT's class token in float16): no scale to compare the bias
+    # with; 1 keeps bias_weight finite (a floor of tiny made it inf, and the measure inf * 0 = nan).
+    return torch.where(columns > 0, scale, torch.ones_like(scale))
 
 
 def bias_weight(num_classes: torch.Tensor, l2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
