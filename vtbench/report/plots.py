@@ -129,11 +129,11 @@ def plot_per_block(
             color=color,
             label=label(key),
         )
-    ax.set_xlabel("block")
+    ax.set_xlabel("block (CNNs: stage)" if any(k[6] == "stage" for k in series) else "block")
     ax.set_ylabel(f"{metric} (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: curves fill the axes
     name = dataset_labels([spec])[spec]
     ax.set_title(f"{name}{'' if name == spec else f' ({spec})'}: per-block {metric}, protocol {protocol}")
     _save(fig, out)
