@@ -82,11 +82,26 @@ def hand_features(model, transform, paths: list[Path], batch: int = 64) -> np.nd
     return np.concatenate(feats)
 
 
-def hand_logistic_top1(X: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(test top-1 %, chosen C): LogisticRegression, C chosen on a stratified 20% of train, refit on all of it."""
+def hand_labels(splits: dict[str, tuple[list[Path], list[str]]]) -> dict[str, np.ndarray]:
+    """``{split: class indices}``, classes numbered in the sorted order of the train split's names."""
+    classes = sorted(set(splits["train"][1]))
+    return {s: np.array([classes.index(c) for c in names]) for s, (_, names) in splits.items()}
+
+
+def hand_written_top1(name: str, root: Path, weights: Path) -> tuple[float, float, int, int]:
+    """(test top-1 %, chosen C, n train, n test) of the pipeline a user would write by hand."""
+    import timm
+    from safetensors.torch import load_file
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
 
+    model = timm.create_model(MODEL, pretrained=False)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    splits = list_images(name, root)
+    X = {s: hand_features(model, transform, paths) for s, (paths, _) in splits.items()}
+    y = hand_labels(splits)
     fit_rows, val_rows = train_test_split(np.arange(len(y["train"])), test_size=0.2, stratify=y["train"], random_state=0)
 
     def fit(C, rows):
@@ -97,28 +112,7 @@ def hand_logistic_top1(X: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tu
     scores = [fit(C, fit_rows).score(X["train"][val_rows], y["train"][val_rows]) for C in HAND_C_GRID]
     best = float(HAND_C_GRID[int(np.argmax(scores))])
     clf = fit(best, np.arange(len(y["train"])))
-    return 100 * clf.score(X["test"], y["test"]), best
-
-
-def hand_labels(splits: dict[str, tuple[list[Path], list[str]]]) -> dict[str, np.ndarray]:
-    classes = sorted(set(splits["train"][1]))
-    return {s: np.array([classes.index(c) for c in names]) for s, (_, names) in splits.items()}
-
-
-def hand_written_top1(name: str, root: Path, weights: Path) -> tuple[float, float, int, int]:
-    """(test top-1 %, chosen C, n train, n test) of the pipeline a user would write by hand."""
-    import timm
-    from safetensors.torch import load_file
-
-    model = timm.create_model(MODEL, pretrained=False)
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    splits = list_images(name, root)
-    X = {s: hand_features(model, transform, paths) for s, (paths, _) in splits.items()}
-    y = hand_labels(splits)
-    top1, best = hand_logistic_top1(X, y)
-    return top1, best, len(y["train"]), len(y["test"])
+    return 100 * clf.score(X["test"], y["test"]), best, len(y["train"]), len(y["test"])
 
 
 # --- vtbench ----------------------------------------------------------------------------------------------
