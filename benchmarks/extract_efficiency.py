@@ -72,7 +72,7 @@ def extract_rate(backbone, dataset, splits, root, batch_size, kinds=None) -> flo
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        reports = extract(backbone, dataset, splits, root, out=out, batch_size=batch_size, kinds=kinds, progress=False)
+        reports = extract(backbone, dataset, splits, root, cache_dir=out, batch_size=batch_size, kinds=kinds, progress=False)
         return sum(r.n for r in reports) / (time.perf_counter() - t0)
 
 

@@ -74,7 +74,7 @@ def main() -> None:
     dataset = f"imagefolder:{(args.data / 'caltech101').resolve()}"
     out = cache_dir(args.cache_dir)
     t0 = time.perf_counter()
-    extract(MODEL, dataset, ["train", "test"], weights=str(args.weights), out=out, progress=False)
+    extract(MODEL, dataset, ["train", "test"], weights=str(args.weights), cache_dir=out, progress=False)
     print(f"caches ready in {out} ({time.perf_counter() - t0:.1f}s; reused when present)")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -113,7 +113,7 @@ def measure(args, device: torch.device, work: Path) -> dict:
     from vtbench.models import create_backbone
     from vtbench.tokens import parse_spec
     from vtbench.transfer import run_probe
-    from vtbench.transfer.features import CacheSet
+    from vtbench.cache import CacheSet
 
     report: dict = {
         "model": args.model, "weights": "random", "device": str(device), "batch_size": args.batch_size,
@@ -130,7 +130,7 @@ def measure(args, device: torch.device, work: Path) -> dict:
     print(f"bare forward: fp32 {report['bare_fp32_img_s']:.0f} img/s, bf16 {report['bare_bf16_img_s']:.0f} img/s",
           flush=True)
 
-    reports, seconds = timed(lambda: extract(backbone, dataset, ["train", "test"], out=work / "cache",
+    reports, seconds = timed(lambda: extract(backbone, dataset, ["train", "test"], cache_dir=work / "cache",
                                              batch_size=args.batch_size, device=str(device), progress=False))
     report["extract_img_s"] = sum(r.n for r in reports) / seconds
     report["extract_over_bare_bf16"] = report["extract_img_s"] / report["bare_bf16_img_s"]

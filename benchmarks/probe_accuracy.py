@@ -131,7 +131,7 @@ def vtbench_records(name: str, root: Path, weights: Path, cache_dir, results_dir
         spec, data_root, splits = f"imagefolder:{root}", None, ["train", "test"]
     else:
         spec, data_root, splits = name, root, None
-    extract(MODEL, spec, splits, data_root, weights=str(weights), out=cache_dir, progress=False, log=lambda m: None)
+    extract(MODEL, spec, splits, data_root, weights=str(weights), cache_dir=cache_dir, progress=False, log=lambda m: None)
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     recs = run_probe(MODEL, spec, list(SPECS), ["default", "sklearn"], cache_dir=cache_dir, results_dir=results_dir,
                      weights=sha256, transform="model")

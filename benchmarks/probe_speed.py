@@ -77,7 +77,7 @@ def synthetic_problem(n_train=10000, n_test=5000, dim=1536, classes=200, latent=
 def write_synthetic_cache(root: Path, **kwargs) -> str:
     """Store the synthetic problem as a vtbench cache (train/test of a pseudo model); returns its dataset spec."""
     from vtbench.data import canonical_spec
-    from vtbench.extract.cache import write_cache
+    from vtbench.cache import write_cache
 
     dataset = f"imagefolder:{root / 'synthetic-data'}"
     (train, test) = synthetic_problem(**kwargs)
@@ -141,7 +141,7 @@ def time_small_probes(args) -> list[tuple]:
              ("(d) ViT DTD per-block", "dtd", args.data / "dtd", True)]
     rows = []
     for name, dataset, root, per_block in cases:
-        extract(VIT, dataset, None, root=root, weights=str(weights), model_kwargs=VIT_KWARGS, out=args.cache_dir,
+        extract(VIT, dataset, None, root=root, weights=str(weights), model_kwargs=VIT_KWARGS, cache_dir=args.cache_dir,
                 progress=False, log=lambda m: None)
         with tempfile.TemporaryDirectory() as results:
             t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         from vtbench.extract import extract
 
         dataset = f"imagefolder:{(args.data / 'caltech101').resolve()}"
-        extract(LITE0, dataset, ["train", "test"], weights=str(args.weights), out=args.cache_dir, progress=False,
+        extract(LITE0, dataset, ["train", "test"], weights=str(args.weights), cache_dir=args.cache_dir, progress=False,
                 log=lambda m: None)
         print("(a) Lite0 Caltech-101", file=sys.stderr)
         sha256 = hashlib.sha256(args.weights.read_bytes()).hexdigest()

@@ -124,7 +124,7 @@ def vtbench_top1(root: Path, weights: Path, cache_dir, results_dir) -> dict[str,
     from vtbench.extract import extract
     from vtbench.transfer import run_probe
 
-    extract(MODEL, "dtd", None, root, weights=str(weights), input_size=SIZE, out=cache_dir, progress=False,
+    extract(MODEL, "dtd", None, root, weights=str(weights), input_size=SIZE, cache_dir=cache_dir, progress=False,
             log=lambda m: None)
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     recs = run_probe(MODEL, "dtd", ["cls[-1]", "cls[-4:]"], "default", per_block=True, cache_dir=cache_dir,

@@ -60,7 +60,7 @@ def lite0_cache_dir(tmp_path_factory) -> Path:
     from vtbench.extract import extract
 
     out = tmp_path_factory.mktemp("lite0-cache")
-    common = dict(weights=str(LITE0_WEIGHTS), out=out, progress=False)
+    common = dict(weights=str(LITE0_WEIGHTS), cache_dir=out, progress=False)
     extract("tf_efficientnet_lite0", "dtd", ["train", "val", "test"], root=SHARED_DATA / "dtd", **common)
     extract("tf_efficientnet_lite0", f"imagefolder:{SHARED_DATA / 'caltech101'}", ["test"], **common)
     return out

@@ -82,7 +82,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, vt):
 
 
 def test_cache_ls_and_verify_report_unreadable_files_and_prune_removes_them(tmp_path, vt):
-    from vtbench.extract.cache import write_cache
+    from vtbench.cache import write_cache
     import numpy as np
 
     root = tmp_path / "cache"

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from vtbench.errors import VTError
-from vtbench.extract import extract, open_cache
-from vtbench.extract.cache import list_caches, verify_cache
+from vtbench.cache import open_cache
+from vtbench.extract import extract
+from vtbench.cache import list_caches, verify_cache
 from tests.helpers import make_imagefolder
 
 VIT = "vit_small_patch16_224"
@@ -91,7 +92,7 @@ def test_a_second_run_waits_for_the_writer_of_the_same_cache_then_reuses_it(fold
     # Another process holds the lock (as a running `vt extract` does), then puts the finished cache in place.
     holder = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time\n"
-        "from vtbench.extract.cache import CacheLock\n"
+        "from vtbench.cache.store import CacheLock\n"
         f"lock = CacheLock({str(made.path)!r}).acquire()\n"
         "print('locked', flush=True)\n"
         "time.sleep(1.5)\n"
@@ -143,8 +144,8 @@ def test_worker_processes_and_decode_threads_write_identical_caches(folder, tmp_
     """workers=N decodes in processes, workers=0 in a thread pool: same rows, same skips, same bytes."""
     root = Path(folder.split(":", 1)[1])
     (root / "train" / "class0" / "img001.png").write_bytes(b"truncated")
-    threaded = tiny(out=tmp_path / "threads")
-    processes = {**tiny(out=tmp_path / "procs"), "workers": 2}
+    threaded = tiny(cache_dir=tmp_path / "threads")
+    processes = {**tiny(cache_dir=tmp_path / "procs"), "workers": 2}
     (a,) = extract(VIT, folder, "train", **threaded)
     (b,) = extract(VIT, folder, "train", **processes)
     assert a.key == b.key and len(a.skipped) == len(b.skipped) == 1
@@ -155,7 +156,7 @@ def test_worker_processes_and_decode_threads_write_identical_caches(folder, tmp_
 
 
 def test_interrupted_run_resumes_to_identical_content(folder, tmp_path, monkeypatch):
-    (clean,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "clean"))
+    (clean,) = extract(VIT, folder, "train", **tiny(cache_dir=tmp_path / "clean"))
 
     from vtbench.models import Backbone
 
@@ -170,7 +171,7 @@ def test_interrupted_run_resumes_to_identical_content(folder, tmp_path, monkeypa
 
     monkeypatch.setattr(Backbone, "features", flaky)
     with pytest.raises(KeyboardInterrupt):
-        extract(VIT, folder, "train", **tiny(out=tmp_path / "resumed"))
+        extract(VIT, folder, "train", **tiny(cache_dir=tmp_path / "resumed"))
     monkeypatch.setattr(Backbone, "features", real)
 
     partials = list((tmp_path / "resumed").rglob("*.partial.h5"))
@@ -180,7 +181,7 @@ def test_interrupted_run_resumes_to_identical_content(folder, tmp_path, monkeypa
     with h5py.File(partials[0], "r") as f:
         assert (f["row_status"][:] == 1).sum() == 8  # two batches of 4 were written
 
-    (resumed,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "resumed"))
+    (resumed,) = extract(VIT, folder, "train", **tiny(cache_dir=tmp_path / "resumed"))
     assert resumed.resumed_rows == 8 and not partials[0].exists()
     a, b = read_all(clean.path), read_all(resumed.path)
     assert a.keys() == b.keys()
@@ -193,9 +194,9 @@ def test_several_models_share_one_decode_pass(folder, tmp_path):
 
     vit = create_backbone(VIT, "random", model_kwargs=VIT_KW)
     other = create_backbone(VIT, "random", model_kwargs=VIT_KW, seed=1)
-    reports = extract([vit, other], folder, "train", **tiny(out=tmp_path / "both"))
+    reports = extract([vit, other], folder, "train", **tiny(cache_dir=tmp_path / "both"))
     assert len(reports) == 2 and reports[0].path != reports[1].path
-    (alone,) = extract(VIT, folder, "train", **tiny(out=tmp_path / "alone", seed=1))
+    (alone,) = extract(VIT, folder, "train", **tiny(cache_dir=tmp_path / "alone", seed=1))
     assert read_all(alone.path)["features/cls/001"].tobytes() == read_all(reports[1].path)["features/cls/001"].tobytes()
 
 
@@ -241,10 +242,10 @@ def test_cli_extract_and_cache_commands(folder, tmp_path, vt):
 def test_nothing_to_extract_is_a_user_error_not_a_silent_success(tmp_path):
     make_imagefolder(tmp_path / "imgs", splits=("extra",))
     with pytest.raises(VTError, match=r"has none of the splits train, val, test \(found: extra\); name the ones"):
-        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", **tiny(out=tmp_path / "out"))
+        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", **tiny(cache_dir=tmp_path / "out"))
     with pytest.raises(VTError, match="--split names none"):
-        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", " , ", **tiny(out=tmp_path / "out"))
-    (report,) = extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", "extra", **tiny(out=tmp_path / "out"))
+        extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", " , ", **tiny(cache_dir=tmp_path / "out"))
+    (report,) = extract(VIT, f"imagefolder:{tmp_path / 'imgs'}", "extra", **tiny(cache_dir=tmp_path / "out"))
     assert report.n > 0
 
 

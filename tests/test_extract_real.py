@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from vtbench.extract import extract, find_cache, open_cache
-from vtbench.extract.cache import verify_cache
+from vtbench.cache import find_cache, open_cache
+from vtbench.extract import extract
+from vtbench.cache import verify_cache
 
 
 def nearest_centroid_accuracy(train_x, train_y, test_x, test_y) -> float:
@@ -31,5 +32,5 @@ def test_lite0_dtd_prelogits_nearest_centroid_far_above_chance(lite0_cache_dir):
 
 def test_second_identical_extract_is_served_from_cache(lite0_cache_dir, lite0_weights, shared_data):
     (report,) = extract("tf_efficientnet_lite0", "dtd", "val", shared_data / "dtd", weights=str(lite0_weights),
-                        out=lite0_cache_dir, progress=False)
+                        cache_dir=lite0_cache_dir, progress=False)
     assert report.reused and report.n == 130

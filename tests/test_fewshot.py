@@ -9,7 +9,7 @@ import pytest
 
 from vtbench.cli import main
 from vtbench.errors import VTError
-from vtbench.extract.cache import find_cache, open_cache, write_cache
+from vtbench.cache import find_cache, open_cache, write_cache
 from vtbench.fewshot import (
     FixedSampler,
     MetaDatasetSampler,
@@ -55,7 +55,7 @@ def caches(tmp_path):
 
 
 def test_md_run_records_and_saves(caches, tmp_path):
-    (rec,) = run_fewshot(MODEL, "aircraft", "cls[-1]", "md", episodes=40, cache_dir=caches, results=tmp_path / "res")
+    (rec,) = run_fewshot(MODEL, "aircraft", "cls[-1]", "md", episodes=40, cache_dir=caches, results_dir=tmp_path / "res")
     assert rec["task"] == "fewshot" and rec["protocol"] == "fewshot-md" and rec["variant"] == "lr+40ep"
     m = rec["metrics"]
     accs = np.array(rec["episode_accuracies"])
@@ -133,7 +133,7 @@ def test_save_and_replay_on_another_model(caches, tmp_path):
 
 
 def test_skip_existing_and_classes_all(caches, tmp_path):
-    kw = dict(classifier="ncc", episodes=10, cache_dir=caches, results=tmp_path / "res")
+    kw = dict(classifier="ncc", episodes=10, cache_dir=caches, results_dir=tmp_path / "res")
     (first,) = run_fewshot(MODEL, "aircraft", "cls[-1]", "md", classes="all", **kw)
     assert first["variant"] == "ncc+10ep+classes-all" and first["fewshot"]["classes"]["num_classes"] == 40
     (again,) = run_fewshot(MODEL, "aircraft", "cls[-1]", "md", classes="all", skip_existing=True, **kw)
@@ -163,7 +163,7 @@ def test_long_runs_say_how_far_they_are(caches, monkeypatch):
 
 def test_seeds_run_each_seed(caches, tmp_path):
     recs = run_fewshot(MODEL, "aircraft", "cls[-1]", classifier="ncc", episodes=10, seeds=[0, 1],
-                       cache_dir=caches, results=tmp_path / "res")
+                       cache_dir=caches, results_dir=tmp_path / "res")
     assert [r["seed"] for r in recs] == [0, 1] and recs[0]["episode_accuracies"] != recs[1]["episode_accuracies"]
     (alone,) = run_fewshot(MODEL, "aircraft", "cls[-1]", classifier="ncc", episodes=10, seed=1, cache_dir=caches,
                            save=False)

@@ -12,11 +12,12 @@ import pytest
 from vtbench import results as store
 from vtbench.cli import main
 from vtbench.errors import VTError
-from vtbench.extract.cache import find_cache, open_cache, write_cache
+from vtbench.cache import find_cache, open_cache, write_cache
 from vtbench.tokens import parse_spec
 from vtbench.transfer import L2_GRID, run_probe
 from vtbench.transfer import probe as probe_module
-from vtbench.transfer.features import CacheSet, stratified_holdout
+from vtbench.cache import CacheSet
+from vtbench.transfer.features import stratified_holdout
 
 MODEL = "toy_vit"
 BLOCKS, DIM, CLASSES = 6, 8, 5
@@ -214,9 +215,12 @@ def test_per_block_and_skip_existing(toy, tmp_path):
     assert [r["tokens"] for r in recs] == [f"cls[{b}]" for b in range(BLOCKS)] + [f"patch[{b}]" for b in range(BLOCKS)]
     top1 = [r["metrics"]["top1"] for r in recs[:BLOCKS]]
     assert top1[-1] > top1[0]  # the toy's later blocks are cleaner
-    assert run_probe(MODEL, "dtd", ["cls[5]"], per_block=True, skip_existing=True, cache_dir=toy, results_dir=res) == []
-    (new,) = run_probe(MODEL, "dtd", ["cls[-2:]"], per_block=True, skip_existing=True, cache_dir=toy, results_dir=res)
-    assert new["tokens"] == "cls[-2:]"
+    again = run_probe(MODEL, "dtd", ["cls[5]"], per_block=True, skip_existing=True, cache_dir=toy, results_dir=res)
+    assert sorted(r["tokens"] for r in again) == sorted(r["tokens"] for r in recs) and all(r["skipped"] for r in again)
+    assert {r["tokens"]: r["metrics"] for r in again} == {r["tokens"]: r["metrics"] for r in recs}
+    more = run_probe(MODEL, "dtd", ["cls[-2:]"], per_block=True, skip_existing=True, cache_dir=toy, results_dir=res)
+    (new,) = [r for r in more if not r.get("skipped")]
+    assert new["tokens"] == "cls[-2:]" and len(more) == 1 + len(recs)
 
 
 def test_cli_readme_example_and_table(toy, tmp_path, capsys):
@@ -297,7 +301,8 @@ def test_other_extraction_settings_are_other_results_never_reused(tmp_path):
     assert not ipvit_tf.get("skipped") and ipvit_tf["_path"] != model_tf["_path"]
     assert ipvit_tf["metrics"]["top1"] != model_tf["metrics"]["top1"]
     assert store.identity(ipvit_tf)["features"] != store.identity(model_tf)["features"]
-    assert run_probe(MODEL, "dtd", "cls[-1]", transform="ipvit", **kw) == []  # now stored: skipped
+    (again,) = run_probe(MODEL, "dtd", "cls[-1]", transform="ipvit", **kw)  # now stored: skipped
+    assert again["skipped"] and again["_path"] == ipvit_tf["_path"] and again["metrics"] == ipvit_tf["metrics"]
 
     table = store.load(tmp_path / "r")
     assert len(table) == 2
@@ -333,7 +338,8 @@ def test_skip_existing_finds_results_stored_under_their_earlier_name(tmp_path):
     legacy.parent.mkdir(parents=True, exist_ok=True)
     Path(rec["_path"]).rename(legacy)
     assert store.stored_path(tmp_path / "r", rec) == legacy
-    assert run_probe(MODEL, "dtd", "cls[-1]", **kw) == []  # found under the earlier name: skipped
+    (again,) = run_probe(MODEL, "dtd", "cls[-1]", **kw)  # found under the earlier name: skipped
+    assert again["skipped"] and again["_path"] == str(legacy)
     # ... but not for other extraction settings
     assert store.stored_path(tmp_path / "r", dict(rec, dtype="float16")) is None
     # ... nor for other data: a record stored before the identity named the data counts only for its own caches

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vtbench.errors import VTError
-from vtbench.extract.cache import list_caches, open_cache
+from vtbench.cache import list_caches, open_cache
 from vtbench.models import create_backbone
 from vtbench.models import weights as weight_sources
 

@@ -32,7 +32,7 @@ def broken_copy(tmp_path, lite0_cache_dir, lite0_weights):
     for name in train[:3]:
         path = copy / "images" / name
         path.write_bytes(path.read_bytes()[:200])  # truncated JPEGs: skipped, and another fingerprint
-    extract(MODEL, "dtd", ["train", "val", "test"], root=copy, weights=str(lite0_weights), out=cache, progress=False)
+    extract(MODEL, "dtd", ["train", "val", "test"], root=copy, weights=str(lite0_weights), cache_dir=cache, progress=False)
     return cache, copy, train[:3]
 
 
@@ -52,7 +52,8 @@ def test_caches_of_other_data_are_an_error_until_root_narrows_them(broken_copy, 
     assert real["_path"] != damaged["_path"] and len(store.load(tmp_path / "r")) == 2
     assert store.identity(real)["data"] != store.identity(damaged)["data"]
     assert set(damaged["caches"]["train"][0]["skipped"]) == {f"images/{b}" for b in broken}
-    assert run_probe(MODEL, "dtd", "prelogits", data_root=copy, **kw) == []  # now it is stored
+    (again,) = run_probe(MODEL, "dtd", "prelogits", data_root=copy, **kw)  # now it is stored
+    assert again["skipped"] and again["_path"] == damaged["_path"]
 
     notes = "\n".join(leaderboard_from_dir(tmp_path / "r").notes)
     assert "Skipped images" in notes and "3 of 130 train images" in notes
@@ -62,7 +63,7 @@ def test_a_cache_lacking_the_spec_kinds_is_passed_over(tmp_path, lite0_cache_dir
     cache = tmp_path / "cache"
     shutil.copytree(lite0_cache_dir, cache)
     # A newer cache of the same data and settings with pre-logits only, beside the complete one.
-    extract(MODEL, "dtd", ["train"], root=SHARED_DATA / "dtd", weights=str(lite0_weights), out=cache,
+    extract(MODEL, "dtd", ["train"], root=SHARED_DATA / "dtd", weights=str(lite0_weights), cache_dir=cache,
             kinds=["prelogits"], progress=False)
     (rec,) = run_probe(MODEL, "dtd", "stage[-1]", cache_dir=cache, results_dir=tmp_path / "r")
     assert rec["metrics"]["top1"] > 80

@@ -19,7 +19,7 @@ Record layout (``schema: vtbench-result/1``)::
       "seed": 0,
       "splits": {"train": ["train"], "val": ["val"], "test": ["test"]},
       "caches": {"train": [{"key": ..., "path": ..., "split": ...}], "test": [...]},
-      "transform": {...}, "norm": true, "dtype": "float16", "precision": "fp32",   # the caches' extraction
+      "transform": {...}, "norm": true, "dtype": "float16", "precision": "fp32",   # FeatureSettings.FIELDS
       "metrics": {"top1": 85.7, ...},          # percentages
       "selection": {...}, "solver": {...}, "timings": {...},
       "versions": {...}, "created": "..."
@@ -37,13 +37,11 @@ from pathlib import Path
 from typing import Iterator
 
 from vtbench.paths import atomic_write_bytes
+from vtbench.settings import FeatureSettings
 
 SCHEMA = "vtbench-result/1"
 IDENTITY_FIELDS = ("task", "model", "weights_sha256", "features", "data", "dataset", "tokens", "protocol", "variant",
                    "seed")
-# The extraction settings of the caches a record was computed on: the same model and weights extracted with
-# another transform, final norm, dtype or forward precision give other features, hence another result.
-FEATURE_FIELDS = ("transform", "norm", "dtype", "precision")
 
 
 def versions() -> dict:
@@ -65,43 +63,23 @@ def versions() -> dict:
     }
 
 
-def features_id(record: dict) -> str:
-    """12 hex digits naming a record's extraction settings (:data:`FEATURE_FIELDS`).
-
-    fp32 precision counts as unrecorded: records written before precision was copied into them
-    (all CPU runs) then keep their identity.
-    """
-    settings = {k: record.get(k) for k in FEATURE_FIELDS}
-    if settings["precision"] == "fp32":
-        settings["precision"] = None
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def features_label(record: dict, full: bool = False) -> str:
-    """The extraction settings in words: 'model 224px crop 0.875' (``full``: every setting)."""
-    t = record.get("transform")
-    if not t:
-        return "extraction settings not recorded"
-    size = (t.get("input_size") or [None, "?", "?"])[1:]
-    short = str(t.get("mode", "?"))
-    if t.get("input_size"):
-        short += f" {size[0]}px" if size[0] == size[1] else f" {size[0]}x{size[1]}px"
-    if t.get("mode") == "model" and t.get("crop_pct") is not None:
-        short += f" crop {t['crop_pct']:g}"
-    extras = [] if record.get("norm", True) else ["no final norm"]
-    if record.get("dtype") not in (None, "float16"):
-        extras.append(str(record["dtype"]))
-    if record.get("precision") not in (None, "fp32"):
-        extras.append(str(record["precision"]))
-    if not full:
-        return ", ".join([short] + extras)
-    mean = ", ".join(f"{v:g}" for v in t.get("mean") or [])
-    std = ", ".join(f"{v:g}" for v in t.get("std") or [])
-    return (f"{t.get('mode', '?')} transform {size[0]}x{size[1]} px"
-            + (f", {t.get('crop_mode', 'center')} crop {t['crop_pct']:g}" if t.get("crop_pct") is not None else ", no crop")
-            + f", {t.get('interpolation', '?')}, mean ({mean}), std ({std}); "
-            + _norm_words(record)
-            + f"; stored as {record.get('dtype', 'unrecorded dtype')}; forward in {record.get('precision') or 'unrecorded precision'}")
+def new_record(task: str, meta: dict, *, protocol: str, variant: str, seed: int, caches: dict, **fields) -> dict:
+    """The fields every record of ``task`` (probe, fewshot) starts with: what it was computed on (model, weights,
+    dataset, extraction settings, from the metadata of its caches), by which protocol and variant, with which
+    seed and caches. The task adds its own ``fields``, then tokens and outcome."""
+    return {
+        "task": task,
+        "model": meta["model"],
+        "weights": {"source": meta.get("weights_source"), "sha256": meta["weights_sha256"]},
+        "dataset": meta["dataset"],
+        **FeatureSettings.of(meta).fields(),
+        "arch": meta.get("arch"),
+        "protocol": protocol,
+        "variant": variant,
+        "seed": seed,
+        "caches": caches,
+        **fields,
+    }
 
 
 def convergence_note(record: dict, decisive_only: bool = False) -> str:
@@ -150,22 +128,13 @@ def data_label(record: dict) -> str:
     return f"data {ident} ({', '.join(roots)})"
 
 
-def _norm_words(record: dict) -> str:
-    """What the norm setting did: only ViTs have a final norm to apply to every block."""
-    if record.get("arch") == "cnn":
-        return "no final norm to apply (CNN: pooled stages as they are)"
-    if record.get("arch") == "vit":
-        return "the final norm on every block (--norm)" if record.get("norm", True) else "blocks without the final norm (--no-norm)"
-    return "--norm (ViTs: the final norm on every block)" if record.get("norm", True) else "--no-norm"
-
-
 def identity(record: dict) -> dict:
     """The fields that name a result: one file per distinct identity (``data`` only where recorded)."""
     ident = {
         "task": record["task"],
         "model": record["model"],
         "weights_sha256": record["weights"]["sha256"],
-        "features": features_id(record),
+        "features": FeatureSettings.of(record).id,
         "data": data_id(record),
         "dataset": record["dataset"],
         "tokens": record["tokens"],
@@ -233,11 +202,20 @@ def stored_path(root: str | os.PathLike, record: dict) -> Path | None:
             stored = json.loads(candidate.read_text()) if candidate.exists() else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if stored is None or features_id(stored) != ident["features"]:
+        if stored is None or FeatureSettings.of(stored).id != ident["features"]:
             continue
         if "data" not in ident or (keys and _cache_keys(stored) == keys):
             return candidate
     return None
+
+
+def stored_record(root: str | os.PathLike, record: dict) -> dict | None:
+    """The stored result with ``record``'s identity, marked ``"skipped": True`` (what ``--skip-existing``
+    returns instead of recomputing it), or None."""
+    path = stored_path(root, record)
+    if path is None:
+        return None
+    return dict(json.loads(path.read_text()), skipped=True, _path=str(path))
 
 
 def _cache_keys(record: dict) -> set[str]:

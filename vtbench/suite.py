@@ -41,16 +41,6 @@ TOP_LEVEL_KEYS = {
     "fewshot": "options of `vt fewshot` (omit the section to skip few-shot)",
     "leaderboard": "options of `vt leaderboard`, plus plots: [per-block, bars]",
 }
-# Options a suite sets itself: they come from the suite's top level or its model entries.
-SUITE_OWNED = {
-    "extract": {"model", "dataset", "root", "split", "out", "pretrained", "checkpoint", "random_init", "seed",
-                "model_kwargs", "progress", "force"},
-    "probe": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
-              "root"},
-    "fewshot": {"model", "dataset", "cache_dir", "results", "weights", "skip_existing", "transform", "norm", "dtype",
-                "save_episodes", "episodes_file", "root"},
-    "leaderboard": {"results_dir", "out", "fmt"},
-}
 MODEL_KEYS = {
     "model": "timm model name",
     "pretrained": "timm's pretrained weights (the default; fetched from the HF hub)",
@@ -132,10 +122,22 @@ class Suite:
             keep.append(found)
         return replace(self, datasets=list(dict.fromkeys(keep)))
 
-    def cache_selection(self) -> dict:
-        """The extract section's transform mode, norm and dtype, with extract's defaults: which caches are the suite's."""
+    def settings_for(self, entry: "ModelEntry") -> "SettingsQuery":
+        """The extraction settings of this model's caches (the extract section's, with extract's defaults, and
+        the model's input size): which caches and results are the suite's."""
+        from vtbench.settings import DEFAULT_DTYPE, DEFAULT_NORM, DEFAULT_TRANSFORM, SettingsQuery
+
         ex = self.extract
-        return {"transform": ex.get("transform", "model"), "norm": ex.get("norm", True), "dtype": ex.get("dtype", "float16")}
+        return SettingsQuery(transform=ex.get("transform", DEFAULT_TRANSFORM), input_size=self.input_size_for(entry),
+                             crop_pct=ex.get("crop_pct"), interpolation=ex.get("interpolation"),
+                             norm=ex.get("norm", DEFAULT_NORM), dtype=ex.get("dtype", DEFAULT_DTYPE))
+
+    def caches_for(self, entry: "ModelEntry", dataset: str, weights: str | None = None) -> "CacheSet":
+        """The caches of this model (``weights``: a sha256, else the entry's weights filter) on ``dataset``."""
+        from vtbench.cache import CacheSet
+
+        return CacheSet(entry.model, dataset, cache_dir=self.cache_dir, weights=weights or entry.weights_filter(),
+                        settings=self.settings_for(entry), data_root=self.data_root_for(dataset))
 
     def input_size_for(self, entry: "ModelEntry") -> int | None:
         """The input size this model's caches are made at: its own ``input_size``, else the extract section's."""
@@ -167,17 +169,16 @@ class Suite:
 # --------------------------------------------------------------------------- loading and validation
 
 
-def _command_params(command: str) -> dict:
-    """The click parameters of `vt COMMAND`, by Python name: the schema a suite section is checked against."""
-    import typer.main
+def _section_options(section: str) -> dict:
+    """The library's options of `vt SECTION`, by name: the schema a suite section is checked against."""
+    from vtbench.extract.run import EXTRACT_OPTIONS
+    from vtbench.fewshot.run import FEWSHOT_OPTIONS
+    from vtbench.options import by_name
+    from vtbench.report.leaderboard import LEADERBOARD_OPTIONS
+    from vtbench.transfer.probe import PROBE_OPTIONS
 
-    from vtbench.cli import app
-
-    group = typer.main.get_command(app)
-    cmd = group.commands[command]
-    if hasattr(cmd, "commands"):  # a sub-app: take its default command's params
-        cmd = next(iter(cmd.commands.values()))
-    return {p.name: p for p in cmd.params}
+    return by_name({"extract": EXTRACT_OPTIONS, "probe": PROBE_OPTIONS, "fewshot": FEWSHOT_OPTIONS,
+                    "leaderboard": LEADERBOARD_OPTIONS}[section])
 
 
 def key_reference() -> str:
@@ -197,37 +198,28 @@ def key_reference() -> str:
     lines += ["", "## `models:` entries", "", "| key | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {cell(v)} |" for k, v in MODEL_KEYS.items()]
     for section in ("extract", "probe", "fewshot", "leaderboard"):
-        params = {k: p for k, p in sorted(_command_params(section).items())
-                  if k not in SUITE_OWNED.get(section, set())}
+        params = {k: o for k, o in sorted(_section_options(section).items()) if o.suite}
         lines += ["", f"## `{section}:` (the options of `vt {section}`)", "", "| key | option | meaning |",
                   "|---|---|---|"]
-        for name, param in params.items():
-            flag = max(getattr(param, "opts", []) or [name], key=len)
-            lines.append(f"| `{name}` | `{flag}` | {cell(getattr(param, 'help', '') or '')} |")
+        for name, opt in params.items():
+            flag = max([f for f in opt.flag_names() if not f.startswith("--no-")], key=len)
+            lines.append(f"| `{name}` | `{flag}` | {cell(opt.help)} |")
         for name, meaning in SECTION_EXTRAS.get(section, {}).items():
             lines.append(f"| `{name}` | | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
-def _convert(param, value, where: str):
-    """Check and convert a YAML value against the Python type of a `vt` option (int, float, bool, str, path, lists)."""
-    import typing
-
-    annotation = param.type_descriptor.annotation
-    optional = False
-    if typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional, annotation = True, args[0]
+def _convert(opt, value, where: str):
+    """Check and convert a YAML value against the type of a `vt` option (int, float, bool, str, path, lists)."""
     if value is None:
-        if optional:
+        if opt.default is None or opt.multiple:
             return None
         raise VTError(f"{where}: needs a value")
-    if typing.get_origin(annotation) in (list, typing.List):
-        (element,) = typing.get_args(annotation) or (str,)
-        return [_scalar(element, v, where) for v in (value if isinstance(value, list) else [value])]
+    if opt.multiple:
+        return [_scalar(opt.type, v, where) for v in (value if isinstance(value, list) else [value])]
     if isinstance(value, (list, dict)):
         raise VTError(f"{where}: takes one value, not a {type(value).__name__}")
-    return _scalar(annotation, value, where)
+    return _scalar(opt.type, value, where)
 
 
 def _scalar(kind, value, where: str):
@@ -252,13 +244,13 @@ def _section(raw: dict, section: str, source: str) -> dict:
     values = raw.get(section) or {}
     if not isinstance(values, dict):
         raise VTError(f"{source}: '{section}' must be a mapping of `vt {section}` options")
-    params = _command_params(section)
-    allowed = set(params) - SUITE_OWNED[section] | set(SECTION_EXTRAS.get(section, {}))
+    params = _section_options(section)
+    allowed = {k for k, o in params.items() if o.suite} | set(SECTION_EXTRAS.get(section, {}))
     out = {}
     for key, value in values.items():
         where = f"{source}: {section}.{key}"
         if key not in allowed:
-            owned = " (the suite sets it)" if key in SUITE_OWNED[section] else ""
+            owned = " (the suite sets it)" if key in params else ""
             raise VTError(f"{where}: unknown key{owned}; valid keys: {', '.join(sorted(allowed))}")
         if key == "plots":
             plots = value if isinstance(value, list) else [value]
@@ -288,8 +280,8 @@ def _model_entry(item, index: int, source: str) -> ModelEntry:
     unknown = set(item) - set(MODEL_KEYS)
     if unknown:
         raise VTError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(MODEL_KEYS))}")
-    params = _command_params("extract")
-    from vtbench.cli.common import weights_choice
+    params = _section_options("extract")
+    from vtbench.options import weights_choice
 
     checked = {k: _convert(params[k], item[k], f"{where}.{k}") for k in ("pretrained", "checkpoint", "random_init", "seed")
                if k in item}
@@ -407,7 +399,6 @@ def _tokens(suite: Suite, entry: ModelEntry, section: dict) -> list[str]:
 def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[str], list[str]]:
     """(splits the suite extracts, those already cached for this entry)."""
     from vtbench.data import available_splits, dataset_info
-    from vtbench.extract.cache import find_cache
 
     info = dataset_info(dataset)
     wanted = [s for s in dict.fromkeys([info.train_split, info.val_split, info.test_split]) if s]
@@ -416,11 +407,10 @@ def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[
         wanted = [s for s in wanted if s in present]
     except VTError:
         pass  # data not on disk yet: plan the usual splits
-    done = []
+    caches, done = suite.caches_for(entry, dataset), []
     for split in wanted:
         try:
-            find_cache(entry.model, dataset, split, suite.cache_dir, weights=entry.weights_filter(),
-                       data_root=suite.data_root_for(dataset), **suite.cache_selection())
+            caches.find(split)
             done.append(split)
         except VTError:
             pass
@@ -431,28 +421,20 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
     """Stored records of this entry and dataset made from caches with the suite's extraction settings."""
     from vtbench.data import canonical_spec
 
+    from vtbench.cache.select import same_data, weights_match
+
     wfilter = entry.weights_filter()
     canon = canonical_spec(dataset)
-    wanted = suite.cache_selection()
-
-    from vtbench.extract.cache import same_data
-
+    settings = suite.settings_for(entry)
     root = suite.data_root_for(dataset)
 
     def on_suite_data(r: dict) -> bool:
         refs = [ref for refs in (r.get("caches") or {}).values() for ref in refs]
         return root is None or all(same_data(ref, root) for ref in refs if "data_fingerprint" in ref)
 
-    def same_features(r: dict) -> bool:
-        t = r.get("transform") or {}
-        if {"transform": t.get("mode"), "norm": r.get("norm"), "dtype": r.get("dtype")} != wanted:
-            return False
-        size = suite.input_size_for(entry)
-        return size is None or list(t.get("input_size") or [])[1:] == [size, size]
-
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
-            and (r["weights"].get("sha256", "").startswith(wfilter) or wfilter in str(r["weights"].get("source", "")))
-            and same_features(r) and on_suite_data(r)]
+            and weights_match(wfilter, r["weights"].get("sha256"), r["weights"].get("source"))
+            and settings.matches(r) and on_suite_data(r)]
 
 
 def _fewshot_protocols(options: dict) -> list[str]:
@@ -561,16 +543,14 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     writable_dir(suite.results_dir(), f"{suite.path}: results:")
     writable_dir(suite.report_path(), f"{suite.path}: report_dir:")
     writable_dir(cache_dir(suite.cache_dir), f"{suite.path}: cache_dir:")
-    selection = suite.cache_selection()
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")
-        for report in extract(backbones, dataset, None, suite.root_for(dataset), out=suite.cache_dir,
+        for report in extract(backbones, dataset, None, suite.root_for(dataset), cache_dir=suite.cache_dir,
                               progress=progress, **ex):
             say("  " + report.summary())
         for entry, bb in zip(suite.models, backbones):
             pick = dict(cache_dir=suite.cache_dir, weights=bb.weights_sha256, skip_existing=True,
-                        transform=selection["transform"], norm=selection["norm"],
-                        data_root=suite.data_root_for(dataset))
+                        settings=suite.settings_for(entry), data_root=suite.data_root_for(dataset))
             if suite.probe is not None:
                 say(f"== {dataset}: probe {entry.label}")
                 for rec in _run_probes(suite, entry, dataset, pick, say):
@@ -579,7 +559,7 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                 opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
                 say(f"== {dataset}: few-shot {entry.label}")
                 for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot),
-                                       results=suite.results, dtype=selection["dtype"], log=say, **opts, **pick):
+                                       results_dir=suite.results, log=say, **opts, **pick):
                     m = rec["metrics"]
                     state = " (stored)" if rec.get("skipped") else ""
                     say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "

@@ -25,7 +25,7 @@ def _size(path: Path) -> str:
 
 def _selected(root: Path, model, dataset, split, partial: bool = True) -> list[tuple[Path, dict]]:
     from vtbench.data import canonical_spec
-    from vtbench.extract.cache import list_caches
+    from vtbench.cache import list_caches
 
     dataset = canonical_spec(dataset) if dataset else None  # as caches name it: dtd -> dtd:1
     return [(p, m) for p, m in list_caches(root, include_partial=partial)
@@ -41,7 +41,7 @@ def _rows_written(path: Path, meta: dict) -> tuple[int, int]:
     import h5py
     import numpy as np
 
-    from vtbench.extract.cache import PENDING
+    from vtbench.cache.store import PENDING
 
     with h5py.File(path, "r") as f:
         return int(np.count_nonzero(f["row_status"][:] != PENDING)), n
@@ -56,7 +56,7 @@ def ls(
 ) -> None:
     """List caches: status, model, dataset/split, kinds, rows written/total, skipped, root, date, size, settings.
     Unreadable .h5 files are listed as FAIL (exit 1)."""
-    from vtbench.extract.cache import unreadable_caches
+    from vtbench.cache import unreadable_caches
     from vtbench.paths import cache_dir
 
     from vtbench.data import canonical_spec
@@ -91,7 +91,7 @@ def info(path: Path = typer.Argument(..., help="A cache file.")) -> None:
     """Show a cache's metadata and its datasets."""
     import h5py
 
-    from vtbench.extract.cache import read_meta
+    from vtbench.cache.store import read_meta
 
     if not path.exists():
         raise VTError(f"no cache file at {path}")
@@ -118,7 +118,7 @@ def verify(
     out: Optional[Path] = typer.Option(None, "--out", help="Cache directory to verify when no paths are given."),
 ) -> None:
     """Check caches end to end (key, completeness, shapes, chunking, finite values). Exit 1 if any fails."""
-    from vtbench.extract.cache import list_caches, unreadable_caches, verify_cache
+    from vtbench.cache import list_caches, unreadable_caches, verify_cache
     from vtbench.paths import cache_dir
 
     targets = list(paths or sorted([p for p, _ in list_caches(cache_dir(out), include_partial=True)]
@@ -167,7 +167,7 @@ def prune(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
 ) -> None:
     """Remove partial caches (interrupted runs, which a rerun would resume) and unreadable .h5 files."""
-    from vtbench.extract.cache import list_caches, unreadable_caches
+    from vtbench.cache import list_caches, unreadable_caches
     from vtbench.paths import cache_dir
 
     root = cache_dir(out)
@@ -177,7 +177,7 @@ def prune(
 
 
 def _remove(targets: list[Path], dry_run: bool, nothing: str) -> None:
-    from vtbench.extract.cache import CacheLock
+    from vtbench.cache.store import CacheLock
 
     if not targets:
         typer.echo(nothing)

@@ -7,19 +7,7 @@ import json
 from typer.core import TyperCommand
 
 from vtbench.errors import VTError
-
-
-def weights_choice(pretrained: bool, checkpoint: str | None, random_init: bool) -> str:
-    """Map --pretrained / --checkpoint FILE / --random-init to the `weights` argument of the API."""
-    if checkpoint and random_init:
-        raise VTError("pass either --checkpoint or --random-init, not both")
-    if checkpoint:
-        return checkpoint
-    if random_init:
-        return "random"
-    if not pretrained:
-        raise VTError("--no-pretrained needs --checkpoint FILE or --random-init")
-    return "pretrained"
+from vtbench.options import weights_choice  # noqa: F401  (re-exported for the commands)
 
 
 def parse_model_kwargs(text: str | None) -> dict:
@@ -67,3 +55,50 @@ class MultiValueCommand(TyperCommand):
                 has_value = True
             rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
+
+
+def command_from(app, name: str, options, body, *, takes_ctx: bool = False, multi_value: bool = True, **settings):
+    """Register `vt NAME` on ``app`` with one typer option per :class:`~vtbench.options.Opt` of ``options``.
+
+    ``body(**values)`` (plus ``ctx`` when ``takes_ctx``) runs the command; ``settings`` go to
+    ``app.command`` (help, short_help, context_settings). Options that take several values accept
+    ``--tokens a b`` as well as ``--tokens a --tokens b`` (:class:`MultiValueCommand`).
+    """
+    import inspect
+
+    import typer
+
+    params, annotations = [], {}
+    if takes_ctx:
+        params.append(inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
+        annotations["ctx"] = typer.Context
+    multi = []
+    for opt in options:
+        default = ... if opt.required else opt.default
+        if opt.argument:
+            info = typer.Argument(default, help=opt.help, metavar=opt.name.upper())
+        else:
+            info = typer.Option(default, *_declarations(opt), help=opt.help)
+            if opt.multiple and multi_value:
+                multi += [f for f in opt.flag_names() if "/" not in f]
+        params.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=opt.annotation()))
+        annotations[opt.name] = opt.annotation()
+
+    def command(**values):
+        return body(**values)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = annotations
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = body.__doc__
+    cls = type(f"_{command.__name__.title()}Command", (MultiValueCommand,), {"multi_value": tuple(multi)})
+    app.command(name, cls=cls, **settings)(command)
+    return body
+
+
+def _declarations(opt) -> list[str]:
+    """typer's parameter declarations: '--norm/--no-norm' as one, else the long flag, aliases and short one."""
+    if opt.flag and "/" in opt.flag:
+        return [opt.flag] + ([opt.short] if opt.short else [])
+    return opt.flag_names()

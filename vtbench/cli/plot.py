@@ -3,61 +3,65 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from vtbench.cli.app import app
-from vtbench.cli.common import split_list
+from vtbench.cli.common import command_from, split_list
+from vtbench.options import REQUIRED, Opt
+from vtbench.report.leaderboard import LEADERBOARD_OPTIONS
+from vtbench.settings import SELECT_OPTIONS
 
 plot_app = typer.Typer(help="Figures of the results store (PNG).", no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
-_RESULTS_HELP = "Results directory (default: $VT_RESULTS or ./results)."
+_SHARED = {o.name: o for o in LEADERBOARD_OPTIONS}  # the same filters as the leaderboard
+_SETTINGS = tuple(_SHARED[o.name] for o in SELECT_OPTIONS)
+_OUT = Opt("out", Path, REQUIRED, "Output image (.png).", short="-o")
+
+PER_BLOCK_OPTIONS = (
+    _SHARED["results_dir"],
+    Opt("dataset", str, REQUIRED, "Dataset spec or short name (e.g. dtd).", short="-d"),
+    _OUT,
+    _SHARED["models"],
+    Opt("protocol", str, "default", "Probe protocol of the per-block records.", short="-p"),
+    Opt("metric", str, "top1", "Metric on the y axis."),
+    *_SETTINGS,
+)
+BARS_OPTIONS = (
+    _SHARED["results_dir"], _OUT, _SHARED["models"], _SHARED["tokens"], _SHARED["protocol"], _SHARED["datasets"],
+    Opt("metric", str, None, "Metric (default: top1 / few-shot accuracy)."),
+    *_SETTINGS,
+)
 
 
-@plot_app.command("per-block")
-def per_block(
-    results_dir: Optional[Path] = typer.Argument(None, help=_RESULTS_HELP),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset spec or short name (e.g. dtd)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output image (.png)."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these models."),
-    protocol: str = typer.Option("default", "--protocol", "-p", help="Probe protocol of the per-block records."),
-    metric: str = typer.Option("top1", "--metric", help="Metric on the y axis."),
-) -> None:
+def _table(values: dict):
+    from vtbench.paths import results_dir as default_results_dir
+    from vtbench.report.leaderboard import load_results
+
+    return load_results(default_results_dir(values["results_dir"]))
+
+
+def per_block(**values) -> None:
     """Accuracy of each block's cls / patch / stage token, block by block."""
-    from vtbench.paths import results_dir as default_results_dir
-    from vtbench.report.leaderboard import load_results
     from vtbench.report.plots import plot_per_block
+    from vtbench.settings import SettingsQuery
 
-    table = load_results(default_results_dir(results_dir))
-    plot_per_block(table, dataset, out, models=split_list(models), protocol=protocol, metric=metric)
-    typer.echo(f"wrote {out}")
+    plot_per_block(_table(values), values["dataset"], values["out"], models=split_list(values["models"]),
+                   protocol=values["protocol"], metric=values["metric"], settings=SettingsQuery.from_options(values))
+    typer.echo(f"wrote {values['out']}")
 
 
-@plot_app.command("bars")
-def bars(
-    results_dir: Optional[Path] = typer.Argument(None, help=_RESULTS_HELP),
-    out: Path = typer.Option(..., "--out", "-o", help="Output image (.png)."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these models."),
-    tokens: Optional[List[str]] = typer.Option(None, "--tokens", "-t", help="Only these token specs."),
-    protocol: Optional[List[str]] = typer.Option(None, "--protocol", "-p", help="Only these protocols."),
-    datasets: Optional[List[str]] = typer.Option(None, "--datasets", "--dataset", "-d", help="Only these datasets."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Metric (default: top1 / few-shot accuracy)."),
-) -> None:
+def bars(**values) -> None:
     """Grouped bars: leaderboard rows side by side per dataset (few-shot with 95% CI error bars)."""
-    from vtbench.paths import results_dir as default_results_dir
-    from vtbench.report.leaderboard import load_results
     from vtbench.report.plots import plot_bars
+    from vtbench.settings import SettingsQuery
 
-    table = load_results(default_results_dir(results_dir))
-    plot_bars(
-        table,
-        out,
-        models=split_list(models),
-        tokens=split_list(tokens),
-        protocols=split_list(protocol),
-        datasets=split_list(datasets),
-        metric=metric,
-    )
-    typer.echo(f"wrote {out}")
+    plot_bars(_table(values), values["out"], models=split_list(values["models"]), tokens=split_list(values["tokens"]),
+              protocols=split_list(values["protocol"]), datasets=split_list(values["datasets"]),
+              metric=values["metric"], settings=SettingsQuery.from_options(values))
+    typer.echo(f"wrote {values['out']}")
+
+
+command_from(plot_app, "per-block", PER_BLOCK_OPTIONS, per_block, multi_value=False)
+command_from(plot_app, "bars", BARS_OPTIONS, bars, multi_value=False)

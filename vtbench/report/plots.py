@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 from vtbench.errors import VTError
-from vtbench.report.leaderboard import build_leaderboard, dataset_labels, dataset_names, is_per_block, short_source
-from vtbench.results import ResultsTable, data_id, data_label, features_id, features_label
+from vtbench.report.leaderboard import build_leaderboard, select_settings, dataset_labels, dataset_names, is_per_block, short_source
+from vtbench.results import ResultsTable, data_id, data_label
+from vtbench.settings import FeatureSettings, SettingsQuery
 from vtbench.tokens import parse_spec
 
 # A bar chart with more rows than this is unreadable: narrow it with filters instead.
@@ -52,6 +53,7 @@ def plot_per_block(
     models: list[str] | None = None,
     protocol: str = "default",
     metric: str = "top1",
+    settings: SettingsQuery | None = None,
 ):
     """Metric of single-block probes (``cls[i]``, ``patch[i]``, ``stage[i]``) against block index.
 
@@ -60,7 +62,7 @@ def plot_per_block(
     """
     candidates = [
         r
-        for r in table
+        for r in select_settings(table, settings)
         if r["task"] == "probe"
         and r["protocol"] == protocol
         and is_per_block(r["tokens"])
@@ -85,8 +87,8 @@ def plot_per_block(
         term = parse_spec(rec["tokens"]).terms[0]
         weights = rec["weights"]
         # Results on other images (another root) are other series, never points of one curve.
-        features = (features_id(rec), data_id(rec) or "")
-        feature_labels[features] = (features_label(rec), data_label(rec))
+        features = (FeatureSettings.of(rec).id, data_id(rec) or "")
+        feature_labels[features] = (FeatureSettings.of(rec).label(), data_label(rec))
         group = (rec["model"], weights["sha256"], weights.get("source", ""), rec.get("variant", ""), rec["seed"], features)
         series.setdefault(group + (term.kind,), {})[term.start] = float(rec["metrics"][metric])
 
@@ -160,6 +162,7 @@ def plot_bars(
     protocols: list[str] | str | None = None,
     datasets: list[str] | str | None = None,
     metric: str | None = None,
+    settings: SettingsQuery | None = None,
 ):
     """Grouped bars: the leaderboard's rows (same filters) side by side for each dataset.
 
@@ -168,7 +171,7 @@ def plot_bars(
     import numpy as np
 
     board = build_leaderboard(
-        table, models=models, tokens=tokens, protocols=protocols, datasets=datasets, metric=metric
+        table, models=models, tokens=tokens, protocols=protocols, datasets=datasets, metric=metric, settings=settings
     )
     for sec in board.sections:
         if len(sec.rows) > MAX_BAR_ROWS:

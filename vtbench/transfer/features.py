@@ -1,4 +1,4 @@
-"""Cached features for probes: find and open the caches a protocol needs, read token specs, hold out a validation split."""
+"""Evaluation splits on cached features: token specs read from one or more caches, a held-out validation split."""
 
 from __future__ import annotations
 
@@ -78,70 +78,3 @@ def stratified_holdout(labels: np.ndarray, seed: int, fraction: float = VAL_FRAC
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, val
-
-
-class CacheSet:
-    """The caches of one (model, dataset) evaluation, opened once per split and checked for compatibility.
-
-    ``data_root`` narrows them to caches extracted from that dataset root, ``kinds`` to caches that
-    hold those token kinds (see :func:`vtbench.extract.cache.find_cache`).
-    """
-
-    def __init__(self, model: str, dataset: str, *, cache_dir=None, weights=None, transform=None, norm=None,
-                 data_root=None, kinds=()):
-        self.model, self.dataset = model, dataset
-        self.filters = dict(weights=weights, transform=transform, norm=norm, data_root=data_root, kinds=set(kinds))
-        self.cache_dir = cache_dir
-        self._open: dict[str, object] = {}
-
-    def get(self, split: str):
-        """The cache of one split (VTError naming the ``vt extract`` command when missing)."""
-        from vtbench.extract.cache import find_cache, open_cache
-
-        if split not in self._open:
-            path = find_cache(self.model, self.dataset, split, self.cache_dir, **self.filters)
-            self._open[split] = open_cache(path)
-        return self._open[split]
-
-    def has(self, split: str) -> bool:
-        """Whether a complete cache of this model and dataset (from ``data_root``, where given) exists for ``split``."""
-        from vtbench.data import canonical_spec
-        from vtbench.extract.cache import list_caches, same_data
-        from vtbench.paths import cache_dir
-
-        dataset = canonical_spec(self.dataset)
-        root = self.filters["data_root"]
-        return any(
-            m.get("model") == self.model and m.get("dataset") == dataset and m.get("split") == split
-            and (root is None or same_data(m, root))
-            for _, m in list_caches(cache_dir(self.cache_dir))
-        )
-
-    def split(self, names: list[str], description=None) -> Split:
-        caches = [self.get(n) for n in names]
-        return Split(list(names), caches, description=list(names) if description is None else description)
-
-    def check(self, kinds=None) -> None:
-        """Every opened cache must come from the same model, weights, transform and norm, with the same
-        classes, and hold the same number of blocks of every kind in ``kinds`` (default: the reference's)."""
-        from vtbench.extract.cache import check_compatible
-
-        if len(self._open) > 1:
-            check_compatible(dict(self._open))
-        ref_name, ref = next(iter(self._open.items()))
-        kinds = set(ref.kinds) if kinds is None else set(kinds)
-        for name, other in self._open.items():
-            if other.class_names != ref.class_names:
-                raise VTError(f"the {ref_name} and {name} caches have different class lists; re-extract them together")
-            mine = {k: n for k, n in other.kinds.items() if k in kinds}
-            theirs = {k: n for k, n in ref.kinds.items() if k in kinds}
-            if mine != theirs:
-                raise VTError(f"the {ref_name} and {name} caches hold different token kinds ({ref.kinds} vs {other.kinds})")
-
-    @property
-    def reference(self):
-        return next(iter(self._open.values()))
-
-    def close(self) -> None:
-        for cache in self._open.values():
-            cache.close()

@@ -34,7 +34,12 @@ from vtbench.errors import VTError
 from vtbench.progress import Progress
 from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
 from vtbench.transfer import knn as knn_lib
-from vtbench.transfer.features import VAL_FRACTION, CacheSet, Split, stratified_holdout
+from vtbench.cache import CacheSet
+from vtbench import options
+from vtbench.options import Opt
+from vtbench.protocols import get_protocol, probe_protocols
+from vtbench.settings import SELECT_OPTIONS, SettingsQuery
+from vtbench.transfer.features import VAL_FRACTION, Split, stratified_holdout
 from vtbench.transfer.metrics import accuracy, classification_metrics
 from vtbench.transfer.solver import CRITERION, LogRegFit, fit_logreg, logreg_objective, reuse_bases
 
@@ -55,7 +60,30 @@ SKLEARN_REFINEMENTS = 8  # times sklearn's tol may be divided by 10 (warm-starti
 IPVIT = {"optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "epochs": 10, "batch_size": 256, "schedule": "constant"}
 PROGRESS_EVERY_S = 10.0  # long loops (specs, ipvit epochs) report progress at most this often
 
-PROTOCOLS = ("default", "ipvit", "sklearn", "knn")
+PROTOCOLS = tuple(probe_protocols())  # the registered ones (vtbench.protocols)
+
+# `vt probe`'s options and a suite's probe keys.
+PROBE_OPTIONS = (
+    options.MODEL,
+    options.DATASET,
+    Opt("tokens", str, None, "Token spec(s): --tokens 'cls[-1]' 'cls[-4:]' (or repeat --tokens).", short="-t",
+        multiple=True),
+    Opt("protocol", str, None, f"{', '.join(PROTOCOLS)}; repeat for several (default: default).", short="-p",
+        multiple=True),
+    Opt("per_block", bool, False, "Also probe every block's cls and patch (or stage) token alone.", flag="--per-block"),
+    Opt("seed", int, 0, "Seed for the held-out validation split, ipvit's init and shuffling."),
+    Opt("seeds", int, None, "Several seeds, one result each: --seeds 0 1 2 (the leaderboard shows their mean ± std).",
+        multiple=True),
+    options.WEIGHTS_PICK,
+    *SELECT_OPTIONS,
+    options.ROOT_PICK,
+    Opt("standardize", bool, True, "default/sklearn: standardise features with train statistics.",
+        flag="--standardize/--no-standardize"),
+    options.CACHE_DIR,
+    options.RESULTS_DIR,
+    options.SKIP_EXISTING,
+    options.DEVICE,
+)
 
 
 @dataclass
@@ -242,7 +270,7 @@ def _sklearn_tol(X: np.ndarray, y: np.ndarray, present: np.ndarray) -> float:
     return 1e-4 * float(np.abs(grad0).max())
 
 
-def _logistic(task: Task, backend: str) -> list[dict]:
+def logistic(task: Task, backend: str) -> list[dict]:
     """default / sklearn, one token spec at a time: each spec's solve is then exactly the one it gets
     alone, whatever else the call probes (batched specs differed in the last digits, which weakly
     regularised problems turned into different test predictions)."""
@@ -331,7 +359,7 @@ def _solver_description(backend: str, dev) -> dict:
             "max_iter": SKLEARN_MAX_ITER}
 
 
-def _ipvit(task: Task) -> list[dict]:
+def ipvit(task: Task) -> list[dict]:
     """The paper's head: AdamW on a linear layer per spec, all specs trained side by side, test after each epoch."""
     dev, C = task.device, task.num_classes
     feats = [task.train.features(s) for s in task.specs]
@@ -390,7 +418,7 @@ def _ipvit(task: Task) -> list[dict]:
     return out
 
 
-def _knn(task: Task) -> list[dict]:
+def knn(task: Task) -> list[dict]:
     """k-NN: k chosen on val with train as the bank; test with train+val as the bank."""
     dev, C = task.device, task.num_classes
     both = task.refit_split()
@@ -420,14 +448,12 @@ def _knn(task: Task) -> list[dict]:
     return out
 
 
-def _run_protocol(protocol: str, task: Task) -> list[dict]:
+def _run_protocol(protocol, task: Task) -> list[dict]:
     """One outcome per spec. Specs whose features are identical (a ViT's ``prelogits`` is ``cls[-1]``) are
     run once: the protocol is a function of the features, so the twin's outcome is exactly what its own run gives."""
     twin_of = _feature_twins(task)
     unique = [s for s in task.specs if str(s) not in twin_of]
-    run = {"default": lambda t: _logistic(t, "vtbench"), "sklearn": lambda t: _logistic(t, "sklearn"),
-           "ipvit": _ipvit, "knn": _knn}[protocol]
-    outcomes = dict(zip(map(str, unique), run(replace(task, specs=unique))))
+    outcomes = dict(zip(map(str, unique), protocol.run(replace(task, specs=unique))))
     out = []
     for spec in map(str, task.specs):
         if spec in twin_of:
@@ -462,15 +488,20 @@ def _feature_twins(task: Task) -> dict[str, str]:
 def check_probe_options(*, protocol: str | Sequence[str] = "default") -> list[str]:
     """The protocols asked for, once each; VTError for an unknown one (suites check theirs with it when they load)."""
     protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or not protocols:
-        raise VTError(f"unknown protocol '{(unknown or [''])[0]}'; choose from {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise VTError(f"no protocol given; choose from {', '.join(PROTOCOLS)}")
+    for name in protocols:
+        get_protocol(name)
     return protocols
 
 
-def _variant(protocol: str, standardize: bool) -> str:
-    """Protocol detail that changes the number: raw (unstandardised) features for the logistic probes."""
-    return "" if standardize or protocol not in ("default", "sklearn") else "raw"
+def make_protocol(name: str, standardize: bool = True):
+    """The registered probe protocol ``name``, with the run's parameters it takes."""
+    import inspect
+
+    cls = type(get_protocol(name))
+    takes = inspect.signature(cls.__init__).parameters
+    return cls(**({"standardize": standardize} if "standardize" in takes else {}))
 
 
 def _unique_specs(specs: list[TokenSpec]) -> list[TokenSpec]:
@@ -494,23 +525,24 @@ def run_probe(
     cache_dir=None,
     results_dir=None,
     weights: str | None = None,
-    transform: str | None = None,
-    norm: bool | None = None,
+    settings: SettingsQuery | dict | None = None,
     data_root=None,
     skip_existing: bool = False,
     device: str | None = None,
     standardize: bool = True,
     log: Callable[[str], None] | None = None,
+    **select,
 ) -> list[dict]:
     """Train and evaluate probes on cached features of ``model`` on ``dataset``, one record per (spec, protocol, seed).
 
     ``tokens`` are token specs (``cls[-1]``, ``cls[-4:]+patch[-1]``, see :mod:`vtbench.tokens`);
     ``per_block`` adds every block's single-block spec. Caches are looked up in
-    ``cache_dir`` (default ``$VT_CACHE``), narrowed by ``weights`` / ``transform`` / ``norm`` and
+    ``cache_dir`` (default ``$VT_CACHE``), narrowed by ``weights``, extraction ``settings`` (a
+    :class:`~vtbench.settings.SettingsQuery`, or its fields as keywords: ``input_size=224``) and
     ``data_root`` (the dataset root given to ``vt extract``). ``seeds`` runs every probe once per seed
     (default: just ``seed``). Every record is saved to the results store (``results_dir``, default
-    ``$VT_RESULTS`` or ``./results``) and returned. Specs whose result exists are
-    skipped (and not returned) when ``skip_existing``.
+    ``$VT_RESULTS`` or ``./results``) and returned. With ``skip_existing``, a result already stored is
+    returned as stored, marked ``"skipped": True``, instead of being recomputed.
     """
     from vtbench.allocator import keep_freed_memory
     from vtbench.data import dataset_info
@@ -521,31 +553,32 @@ def run_probe(
     keep_freed_memory()  # as vt does: batched solves reuse large blocks
 
     say = log or (lambda msg: None)
-    protocols = check_probe_options(protocol=protocol)
+    protocols = [make_protocol(name, standardize) for name in check_probe_options(protocol=protocol)]
     seeds = check_seeds(seed if seeds is None else seeds)
-    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
-    specs = [parse_spec(t) for t in tokens]
-    if not specs and not per_block:
-        raise VTError("no token specs: pass --tokens (e.g. 'cls[-1]' 'cls[-4:]') or --per-block")
+    specs = _requested_specs(tokens, per_block)
     dev = resolve_device(device)
     info = dataset_info(dataset)
     results_root = writable_dir(default_results_dir(results_dir), "--results")
 
-    wanted_kinds = set().union(*(s.kinds for s in specs)) if specs else set()
-    caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, transform=transform, norm=norm,
-                      data_root=data_root, kinds=wanted_kinds)
+    caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=SettingsQuery.of(settings, **select),
+                      data_root=data_root, kinds=set().union(*(s.kinds for s in specs)) if specs else set())
     try:
         plans = _open_splits(caches, protocols, info)
         specs = _final_specs(caches, specs, per_block)
         records = []
         for run_seed in seeds:
-            tasks = _hold_out(caches, plans, info, run_seed)
-            for proto in protocols:
-                records += _run_and_record(proto, tasks[proto], caches, specs, run_seed, dev, standardize,
-                                           results_root, skip_existing, say)
+            for proto, splits in _hold_out(caches, plans, info, run_seed).items():
+                records += _run_and_record(proto, splits, caches, specs, run_seed, dev, results_root, skip_existing, say)
         return records
     finally:
         caches.close()
+
+
+def _requested_specs(tokens, per_block: bool) -> list[TokenSpec]:
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    if not tokens and not per_block:
+        raise VTError("no token specs: pass --tokens (e.g. 'cls[-1]' 'cls[-4:]') or --per-block")
+    return [parse_spec(t) for t in tokens]
 
 
 def check_seeds(seeds: int | Sequence[int]) -> list[int]:
@@ -556,18 +589,17 @@ def check_seeds(seeds: int | Sequence[int]) -> list[int]:
     return seeds
 
 
-def _open_splits(caches: CacheSet, protocols: list[str], info) -> dict[str, tuple[list[str], str | None]]:
+def _open_splits(caches: CacheSet, protocols: list, info) -> dict:
     """``{protocol: (train split names, val split name or None)}``, with every cache they need opened,
     so a missing or mismatched cache fails before any training."""
     plans = {}
     for proto in protocols:
-        if proto == "ipvit":
-            plans[proto] = (list(info.paper_train_splits), None)
-        else:
+        val = None
+        if proto.needs_val:
             val = info.val_split
             if info.generic:  # generic sources have a val split only where one is on disk
                 val = "val" if caches.has("val") else None
-            plans[proto] = ([info.train_split], val)
+        plans[proto] = (proto.train_splits(info), val)
     for train_names, val_name in plans.values():
         for name in train_names + ([val_name] if val_name else []) + [info.test_split]:
             caches.get(name)
@@ -586,14 +618,15 @@ def _final_specs(caches: CacheSet, specs: list[TokenSpec], per_block: bool) -> l
     return specs
 
 
-def _hold_out(caches: CacheSet, plans: dict, info, seed: int) -> dict[str, tuple[Split, Split | None, Split]]:
-    """``{protocol: (train, val, test)}``; without a validation split, a seeded stratified part of train."""
+def _hold_out(caches: CacheSet, plans: dict, info, seed: int) -> dict:
+    """``{protocol: (train, val, test)}``; a protocol that selects on a validation split where the dataset has
+    none gets a seeded stratified part of train."""
     tasks = {}
     class_names = caches.reference.class_names
     for proto, (train_names, val_name) in plans.items():
         train = caches.split(train_names)
         test = caches.split([info.test_split])
-        if proto == "ipvit":
+        if not proto.needs_val:
             val = None
         elif val_name is not None:
             val = caches.split([val_name])
@@ -606,62 +639,60 @@ def _hold_out(caches: CacheSet, plans: dict, info, seed: int) -> dict[str, tuple
     return tasks
 
 
-def _record_base(caches: CacheSet, proto: str, splits: tuple, seed: int, standardize: bool) -> dict:
+def _record_base(caches: CacheSet, proto, splits: tuple, seed: int) -> dict:
     """Everything a record of this protocol and seed says before its spec and outcome."""
     from vtbench import results as store
 
     train, val, test = splits
-    ref = caches.reference
-    meta = ref.meta
     names = {"train": train.description or train.names, "test": test.names}
     refs = {"train": train.cache_refs(), "test": test.cache_refs()}
     if val is not None:
         names["val"] = val.description or val.names
         if val.rows is None:
             refs["val"] = val.cache_refs()
-    return {
-        "task": "probe",
-        "model": meta["model"],
-        "weights": {"source": meta.get("weights_source"), "sha256": meta["weights_sha256"]},
-        "dataset": meta["dataset"],
-        "seed": seed,
-        **{k: meta.get(k) for k in store.FEATURE_FIELDS},  # the caches' extraction settings
-        "arch": meta.get("arch"),
-        "num_classes": len(ref.class_names),
-        "protocol": proto,
-        "variant": _variant(proto, standardize),
-        "splits": names,
-        "caches": refs,
-        "n": {"train": len(train), "val": len(val) if val is not None else 0, "test": len(test)},
-    }
+    ref = caches.reference
+    return store.new_record("probe", ref.meta, protocol=proto.name, variant=proto.variant(), seed=seed, caches=refs,
+                            num_classes=len(ref.class_names), splits=names,
+                            n={"train": len(train), "val": len(val) if val is not None else 0, "test": len(test)})
 
 
-def _run_and_record(proto, splits, caches, specs, seed, dev, standardize, results_root, skip_existing, say) -> list[dict]:
-    """Run one protocol on every spec not yet stored, and save one record per spec."""
+def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_existing, say) -> list[dict]:
+    """Run one protocol on every spec not yet stored, and save one record per spec (stored ones are returned
+    as they are, marked ``skipped``)."""
     from vtbench import results as store
 
-    base = _record_base(caches, proto, splits, seed, standardize)
-    todo = []
+    base = _record_base(caches, proto, splits, seed)
+    stored = {str(s): store.stored_record(results_root, dict(base, tokens=str(s))) if skip_existing else None
+              for s in specs}
+    todo = [s for s in specs if stored[str(s)] is None]
     for spec in specs:
-        if skip_existing and store.stored_path(results_root, dict(base, tokens=str(spec))) is not None:
-            say(f"skip {proto} {spec} seed {seed}: result exists")
-            continue
-        todo.append(spec)
-    if not todo:
-        return []
-    train, val, test = splits
-    ref = caches.reference
-    say(f"{proto}: {len(todo)} token spec(s) on {base['dataset']} ({len(train)} train, "
-        f"{len(val) if val is not None else 0} val, {len(test)} test), seed {seed}")
-    t0 = time.perf_counter()
-    outcomes = _run_protocol(proto, Task(todo, train, val, test, len(ref.class_names), seed, dev, standardize, say))
-    total = time.perf_counter() - t0
+        if stored[str(spec)] is not None:
+            say(f"skip {proto.name} {spec} seed {seed}: result exists")
+    done = _run(proto, splits, caches, todo, seed, dev, say) if todo else {}
     records = []
-    for spec, outcome in zip(todo, outcomes):
-        record = dict(base, tokens=str(spec),
-                      feature_dim=sum(ref.meta["dims"][kind][block] for kind, block in spec.resolve(ref.kinds)))
-        outcome["timings"]["protocol_total_s"] = total
-        record.update(outcome)
-        record["_path"] = str(store.save(results_root, record))
+    for spec in specs:
+        record = stored[str(spec)]
+        if record is None:
+            record = dict(base, tokens=str(spec), feature_dim=_feature_dim(caches.reference, spec), **done[str(spec)])
+            record["_path"] = str(store.save(results_root, record))
         records.append(record)
     return records
+
+
+def _run(proto, splits, caches, specs, seed, dev, say) -> dict[str, dict]:
+    """``{spec: outcome}`` of one protocol run over ``specs``."""
+    train, val, test = splits
+    ref = caches.reference
+    say(f"{proto.name}: {len(specs)} token spec(s) on {ref.meta['dataset']} ({len(train)} train, "
+        f"{len(val) if val is not None else 0} val, {len(test)} test), seed {seed}")
+    standardize = getattr(proto, "standardize", True)
+    t0 = time.perf_counter()
+    outcomes = _run_protocol(proto, Task(specs, train, val, test, len(ref.class_names), seed, dev, standardize, say))
+    total = time.perf_counter() - t0
+    for outcome in outcomes:
+        outcome["timings"]["protocol_total_s"] = total
+    return dict(zip(map(str, specs), outcomes))
+
+
+def _feature_dim(cache, spec: TokenSpec) -> int:
+    return sum(cache.meta["dims"][kind][block] for kind, block in spec.resolve(cache.kinds))

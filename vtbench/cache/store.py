@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: one file per (model, weights, transform, norm, dtype, dataset, split).
+"""The HDF5 feature cache file: one per (model, weights, extraction settings, dataset, split).
 
 Layout (documented for h5py-only readers in ``docs/cache_schema.md``)::
 
@@ -22,7 +22,6 @@ waits for it, then reuses what it made.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ import h5py
 import numpy as np
 
 from vtbench.errors import VTError
+from vtbench.settings import FeatureSettings
 from vtbench.tokens import TokenSpec, parse_spec
 
 FORMAT = "vtbench-cache"
@@ -47,32 +47,23 @@ SKIPPED_LISTED = 20  # skipped image ids a result record lists per cache (the co
 
 # Attributes that decide a cache's identity: two runs that agree on all of these
 # produce the same numbers, and only then is a cache reused.
+# The extraction settings among them are FeatureSettings.FIELDS; the perturbation counts only where
+# there is one, so that a clean cache keeps the key it had before perturbations existed.
 IDENTITY_FIELDS = (
-    "format_version",
-    "model",
-    "model_kwargs",
-    "weights_sha256",
-    "transform",
-    "norm",
-    "dtype",
-    "dataset",
-    "split",
-    "data_fingerprint",
-    "token_kinds",
-    "precision",
-    "timm_version",
-    "torch_version",
+    "format_version", "model", "model_kwargs", "weights_sha256", "dataset", "split", "data_fingerprint",
+    "token_kinds", "timm_version", "torch_version", *FeatureSettings.FIELDS,
 )
+OPTIONAL_IDENTITY = ("perturbation",)
 # Attributes stored as JSON strings (everything else is a plain string or number).
-JSON_FIELDS = ("model_kwargs", "transform", "kinds", "dims", "versions", "token_kinds")
+JSON_FIELDS = ("model_kwargs", "transform", "kinds", "dims", "versions", "token_kinds", "perturbation")
 
 
 def cache_key(meta: dict) -> str:
     """sha256 over the identity fields of ``meta`` (canonical JSON)."""
-    missing = [f for f in IDENTITY_FIELDS if f not in meta]
+    missing = [f for f in IDENTITY_FIELDS if f not in meta and f not in OPTIONAL_IDENTITY]
     if missing:
         raise ValueError(f"cache metadata lacks identity fields: {missing}")
-    identity = {f: meta[f] for f in IDENTITY_FIELDS}
+    identity = {f: meta[f] for f in IDENTITY_FIELDS if f in meta and not (f in OPTIONAL_IDENTITY and not meta[f])}
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -410,6 +401,10 @@ class FeatureCache:
         return self.meta["key"]
 
     @property
+    def settings(self) -> FeatureSettings:
+        return FeatureSettings.of(self.meta)
+
+    @property
     def kinds(self) -> dict[str, int]:
         """``{kind: number of blocks}``, e.g. ``{"cls": 12, "patch": 12, "prelogits": 1}``."""
         return dict(self.meta["kinds"])
@@ -464,41 +459,6 @@ def open_cache(path: str | os.PathLike, allow_partial: bool = False) -> FeatureC
     return FeatureCache(path, allow_partial=allow_partial)
 
 
-def list_caches(root: str | os.PathLike, include_partial: bool = False) -> list[tuple[Path, dict]]:
-    """Every cache file under ``root`` with its metadata, newest first."""
-    root = Path(root)
-    found = []
-    if not root.exists():
-        return found
-    for path in root.rglob("*.h5"):
-        is_partial = path.name.endswith(".partial.h5")
-        if is_partial and not include_partial:
-            continue
-        try:
-            with h5py.File(path, "r") as f:
-                meta = read_meta(f)
-        except OSError:
-            continue
-        if meta.get("format") == FORMAT:
-            found.append((path, meta))
-    found.sort(key=lambda pm: str(pm[1].get("created", "")), reverse=True)
-    return found
-
-
-def unreadable_caches(root: str | os.PathLike) -> list[tuple[Path, str]]:
-    """``.h5`` files under ``root`` that are not readable vtbench caches (zero-byte, truncated, foreign), with why."""
-    root = Path(root)
-    found = []
-    for path in sorted(root.rglob("*.h5")) if root.exists() else []:
-        try:
-            with h5py.File(path, "r") as f:
-                if read_meta(f).get("format") != FORMAT:
-                    found.append((path, "not a vtbench cache"))
-        except OSError as exc:
-            found.append((path, f"unreadable: {exc}"))
-    return found
-
-
 def write_cache(
     root: str | os.PathLike,
     meta: dict,
@@ -526,137 +486,6 @@ def write_cache(
     writer = CacheWriter.open(root, meta, Layout(dims), np.asarray(labels), image_ids, class_names, batch_size=max(1, n))
     writer.write(0, features, skipped)
     return writer.finalize()
-
-
-# Fields that must agree between the caches one evaluation reads (train, val, test).
-COMPATIBLE_FIELDS = ("model", "model_kwargs", "weights_sha256", "transform", "norm")
-
-
-def _describe(meta: dict) -> str:
-    """What tells caches of one model, dataset and split apart, in words (versions and file dates aside)."""
-    t = meta.get("transform", {})
-    size = "x".join(map(str, (t.get("input_size") or [])[1:])) or "?"
-    crop = f"crop {t['crop_pct']:g}" if t.get("crop_pct") is not None else "no crop"
-    return (f"weights {str(meta.get('weights_sha256', ''))[:12]} ({meta.get('weights_source')}), "
-            f"transform {t.get('mode')} {size} {crop} {t.get('interpolation')}, norm {meta.get('norm')}, "
-            f"dtype {meta.get('dtype')}, {meta.get('precision')}")
-
-
-def _describe_data(meta: dict) -> str:
-    """Which images a cache holds, in words: root, rows, skipped images and data fingerprint."""
-    skipped = int(meta.get("n_skipped", 0) or 0)
-    return (f"data {str(meta.get('data_fingerprint', ''))[:12]} (root {meta.get('dataset_root') or 'in memory'}, "
-            f"{int(meta.get('n', 0)) - skipped} images" + (f", {skipped} skipped" if skipped else "") + ")")
-
-
-@functools.lru_cache(maxsize=256)
-def _fingerprint_at(dataset: str, split: str, data_root: str) -> str | None:
-    from vtbench.data import get_dataset
-
-    try:
-        return get_dataset(dataset, split, data_root).fingerprint
-    except VTError:
-        return None  # that root has no such split (or no such data)
-
-
-def same_data(meta: dict, data_root: str | os.PathLike) -> bool:
-    """Whether a cache (or a record's reference to one) holds the images of its split under ``data_root``
-    today: the same data fingerprint (ids, byte sizes, labels), wherever the cache was extracted from."""
-    fingerprint = _fingerprint_at(meta.get("dataset"), meta.get("split"), str(Path(data_root).expanduser().resolve()))
-    return fingerprint is not None and fingerprint == meta.get("data_fingerprint")
-
-
-def find_cache(
-    model: str,
-    dataset: str,
-    split: str,
-    root: str | os.PathLike | None = None,
-    *,
-    weights: str | None = None,
-    transform: str | None = None,
-    norm: bool | None = None,
-    dtype: str | None = None,
-    data_root: str | os.PathLike | None = None,
-    kinds: Iterable[str] = (),
-) -> Path:
-    """The complete cache for (model, dataset, split), narrowed by optional filters.
-
-    ``dataset`` is canonicalised through the dataset registry (``dtd`` -> ``dtd:1``).
-    ``weights`` matches a sha256 prefix or a substring of the weights source
-    (``random-init``, ``file:...``, ``hub:...``); ``transform`` matches the
-    transform mode (``model`` or ``ipvit``); ``data_root`` keeps the caches that hold the
-    images under that dataset root (:func:`same_data`); ``kinds`` are token kinds the cache must hold. Raises VTError
-    when nothing matches (naming the ``vt extract`` command that would make it) or when
-    caches of other extraction settings or other data match: a cache is never picked
-    silently between two that would give different numbers. Among caches of the same
-    settings and data, the one with the most token kinds (then the newest) is taken.
-    """
-    from vtbench.data import canonical_spec, dataset_info
-    from vtbench.data.registry import check_split
-    from vtbench.paths import cache_dir
-
-    root = cache_dir(root)
-    dataset = canonical_spec(dataset)
-    info = dataset_info(dataset)
-    if not info.generic:  # a split the dataset does not have: say so, not "extract it"
-        check_split(dataset, split, info.splits)
-    kinds = set(kinds)
-    matches, lacking = [], []
-    for path, meta in list_caches(root):
-        if meta.get("model") != model or meta.get("dataset") != dataset or meta.get("split") != split:
-            continue
-        if weights and not (str(meta.get("weights_sha256", "")).startswith(weights) or weights in str(meta.get("weights_source", ""))):
-            continue
-        if transform and meta.get("transform", {}).get("mode") != transform:
-            continue
-        if norm is not None and bool(meta.get("norm")) != norm:
-            continue
-        if dtype and meta.get("dtype") != dtype:
-            continue
-        if data_root is not None and not same_data(meta, data_root):
-            continue
-        if not kinds <= set(meta.get("kinds", {})):
-            lacking.append((path, meta))
-            continue
-        matches.append((path, meta))
-    if not matches:
-        hint = f"vt extract --model {model} --dataset {dataset} --split {split}"
-        if data_root is not None:
-            hint += f" --root {data_root}"
-        if weights:
-            hint += f" (with the weights matching '{weights}')"
-        if lacking:
-            have = sorted({k for _, m in lacking for k in m.get("kinds", {})})
-            missing = ", ".join(f"'{k}'" for k in sorted(kinds - set(have))) or ", ".join(f"'{k}'" for k in sorted(kinds))
-            raise VTError(f"no {missing} features in any cache of {model} on {dataset}/{split} under {root} (they "
-                          f"hold: {', '.join(have)}); where the model has them: {hint} --kinds "
-                          f"{','.join(sorted(kinds | set(have)))}")
-        raise VTError(f"no cache for {model} on {dataset}/{split} under {root}; make it with: {hint}")
-    variants = {(_describe(m), _describe_data(m)) for _, m in matches}
-    if len(variants) > 1:
-        settings = {v[0] for v in variants}
-        how = ("--root DIR (the dataset root given to vt extract)" if len(settings) == 1
-               else "--weights, --transform, --norm/--no-norm, --dtype or --root")
-        raise VTError(
-            f"{len(variants)} different caches match {model} on {dataset}/{split}: "
-            + "; ".join(f"{a}, {b}" for a, b in sorted(variants))
-            + f". Narrow it with {how}, or remove the one you do not want ('vt cache ls' lists them, "
-            "'vt cache rm' removes them)"
-        )
-    # newest first within the same number of kinds: list_caches sorts newest first, and sorted() is stable
-    return sorted(matches, key=lambda pm: -len(pm[1].get("kinds", {})))[0][0]
-
-
-def check_compatible(caches: dict[str, "FeatureCache"]) -> None:
-    """Raise VTError unless every cache comes from the same model, weights, transform and norm."""
-    (ref_name, ref), *rest = caches.items()
-    for name, other in rest:
-        for field in COMPATIBLE_FIELDS:
-            if ref.meta.get(field) != other.meta.get(field):
-                raise VTError(
-                    f"the {ref_name} and {name} caches differ in {field} "
-                    f"({ref.meta.get(field)!r} vs {other.meta.get(field)!r}); extract both with the same options"
-                )
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
