@@ -260,10 +260,20 @@ class FewshotClassifier(Protocol):
     the number."""
 
     task = "fewshot-classifier"
-    options_note: ClassVar[dict[str, str]] = {}
 
     def variant_parts(self) -> list[str]:
         return [self.name]
+
+    def score(self, features, episodes, *, l2_normalize: bool, device: str):
+        """Per-episode accuracies (:class:`vtbench.fewshot.classifiers.EpisodeScores`) of this classifier."""
+        from vtbench.fewshot.classifiers import episode_accuracies
+
+        return episode_accuracies(features, episodes, self.name, l2_normalize=l2_normalize, device=device,
+                                  **self.get_params())
+
+    def describe_run(self, scores) -> dict:
+        """What a record says of the classifier beyond its name and parameters."""
+        return {}
 
 
 class LogisticEpisodes(FewshotClassifier):
@@ -284,6 +294,16 @@ class LogisticEpisodes(FewshotClassifier):
     def variant_parts(self) -> list[str]:
         return [self.name] + ([f"C{self.C:g}"] if self.C != 1.0 else [])
 
+    def describe_run(self, scores) -> dict:
+        from vtbench.fewshot.classifiers import LR_HISTORY, LR_TOL
+        from vtbench.transfer.solver import CRITERION
+
+        return {"l2": "1/(C*n_support)", "objective": "mean cross-entropy + l2/2 ||W||^2, bias unpenalised",
+                "solver": f"vtbench.transfer.solver.fit_logreg (batched L-BFGS, {LR_HISTORY} pairs; episodes with "
+                          "s < d solved exactly in their s-dim kernel basis)",
+                "tol": LR_TOL, "criterion": CRITERION, "converged_fraction": float(scores.converged.mean()),
+                "mean_iterations": float(scores.iterations.mean())}
+
 
 class NearestCentroidEpisodes(FewshotClassifier):
     name = "ncc"
@@ -298,6 +318,10 @@ class NearestCentroidEpisodes(FewshotClassifier):
 
     def variant_parts(self) -> list[str]:
         return [self.name] + (["center"] if self.center else [])
+
+    def describe_run(self, scores) -> dict:
+        return {"similarity": "cosine to class centroids",
+                "centering": "mean of the episode's support features" if self.center else None}
 
 
 FEWSHOT_CLASSIFIERS = {c.name: c for c in (LogisticEpisodes, NearestCentroidEpisodes)}

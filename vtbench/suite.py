@@ -21,9 +21,13 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vtbench.errors import VTError
+
+if TYPE_CHECKING:
+    from vtbench.cache import CacheSet
+    from vtbench.settings import SettingsQuery
 
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 

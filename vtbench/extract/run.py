@@ -24,7 +24,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -328,13 +328,36 @@ def extract(
     Unreadable images are skipped and listed (``on_error="fail"`` stops instead).
     """
     from vtbench.allocator import keep_freed_memory
-    from vtbench.data import available_splits, dataset_info, get_dataset
-    from vtbench.models import build_transform
+    from vtbench.paths import writable_dir
 
     keep_freed_memory()  # every batch would otherwise page-fault its activations afresh (3x slower on CPU)
     check_extract_options(dtype=dtype, on_error=on_error, batch_size=batch_size, transform=transform)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     dev = resolve_device(device)
+    splits = _plan_splits(dataset, splits, root)
+    root_dir = writable_dir(default_cache_dir(cache_dir), "--out")
+    use_amp = amp and dev.type == "cuda"
+    # The settings every cache of this run shares; each transform group adds its own transform.
+    settings = FeatureSettings(norm=bool(norm), dtype=dtype, precision="bf16-autocast" if use_amp else "fp32")
+    kind_filter = set(kinds) if kinds else None
+    backbones = _as_backbones(model, weights, model_kwargs, input_size, seed, dev, say)
+    groups = _transform_groups(backbones, kind_filter, dev, mode=transform, input_size=input_size, crop_pct=crop_pct,
+                               interpolation=interpolation, mean=mean, std=std)
+    reports = []
+    for split in splits:
+        imageset = _open_split(dataset, split, root)
+        for members in groups:
+            reports.extend(_extract_group(
+                members, imageset, root_dir, settings, kinds=kind_filter, batch_size=batch_size, workers=workers,
+                device=dev, amp=use_amp, force=force, on_error=on_error, progress=progress, say=say,
+            ))
+    return reports
+
+
+def _plan_splits(dataset: str, splits, root) -> list[str]:
+    """The splits asked for, else the dataset's transfer splits (train, val if any, test) that are on disk."""
+    from vtbench.data import available_splits, dataset_info
+
     if splits is None:
         info = dataset_info(dataset)
         wanted = [s for s in dict.fromkeys([info.train_split, info.val_split, info.test_split]) if s]
@@ -348,38 +371,33 @@ def extract(
         splits = [s.strip() for s in splits.split(",") if s.strip()]
     if not splits:
         raise VTError("no split to extract: --split names none")
-    from vtbench.paths import writable_dir
+    return list(splits)
 
-    root_dir = writable_dir(default_cache_dir(cache_dir), "--out")
-    use_amp = amp and dev.type == "cuda"
-    precision = "bf16-autocast" if use_amp else "fp32"
-    kind_filter = set(kinds) if kinds else None
 
-    backbones = _as_backbones(model, weights, model_kwargs, input_size, seed, dev, say)
-    # One decode pass per distinct transform.
+def _transform_groups(backbones, kinds, device, *, mode: str, **overrides) -> list[list]:
+    """``[(backbone, transform, description), ...]`` per distinct transform: each group shares one decode pass.
+    ``overrides`` are build_transform's (input_size, crop_pct, interpolation, mean, std)."""
+    from vtbench.models import build_transform
+
     groups: dict[str, list] = {}
     for bb in backbones:
-        if kind_filter is not None:
-            unknown = kind_filter - set(bb.layout)
+        if kinds is not None:
+            unknown = kinds - set(bb.layout)
             if unknown:
                 raise VTError(f"{bb.name} has no {', '.join(sorted(unknown))} features (it has: {', '.join(bb.layout)})")
-        fn, desc = build_transform(bb.data_config, transform, input_size=input_size, crop_pct=crop_pct,
-                                   interpolation=interpolation, mean=mean, std=std)
-        _check_input_size(bb, desc, dev)
+        fn, desc = build_transform(bb.data_config, mode, **overrides)
+        _check_input_size(bb, desc, device)
         groups.setdefault(repr(sorted(desc.items())), []).append((bb, fn, desc))
+    return list(groups.values())
 
-    reports = []
-    for split in splits:
-        imageset = get_dataset(dataset, split, root)
-        if len(imageset) == 0:
-            raise VTError(f"{imageset.name}/{split} has no images")
-        for members in groups.values():
-            reports.extend(_extract_group(
-                members, imageset, root_dir, norm=norm, dtype=dtype, precision=precision, kinds=kind_filter,
-                batch_size=batch_size, workers=workers, device=dev, amp=use_amp, force=force,
-                on_error=on_error, progress=progress, say=say,
-            ))
-    return reports
+
+def _open_split(dataset: str, split: str, root):
+    from vtbench.data import get_dataset
+
+    imageset = get_dataset(dataset, split, root)
+    if len(imageset) == 0:
+        raise VTError(f"{imageset.name}/{split} has no images")
+    return imageset
 
 
 def _check_input_size(bb, desc: dict, device) -> None:
@@ -403,13 +421,13 @@ def _check_input_size(bb, desc: dict, device) -> None:
                       f"{own[1]}x{own[2]})") from None
 
 
-def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds, batch_size, workers, device,
+def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, kinds, batch_size, workers, device,
                    amp, force, on_error, progress, say) -> list[ExtractReport]:
     """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass."""
     planned = []
     for bb, fn, desc in members:
         layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
-        meta = cache_meta(bb, imageset, FeatureSettings(transform=desc, norm=bool(norm), dtype=dtype, precision=precision))
+        meta = cache_meta(bb, imageset, replace(settings, transform=desc))
         meta["token_kinds"] = sorted(layout)
         meta["key"] = cache_key(meta)
         planned.append((bb, layout, meta, cache_path(root_dir, meta)))
@@ -440,7 +458,7 @@ def _extract_group(members, imageset, root_dir, *, norm, dtype, precision, kinds
         for job in jobs:
             grids.setdefault(job[1].batch_size, []).append(job)
         for grid_jobs in grids.values():
-            reports.extend(_run_batches(grid_jobs, imageset, transform, norm=norm, workers=workers, device=device,
+            reports.extend(_run_batches(grid_jobs, imageset, transform, norm=settings.norm, workers=workers, device=device,
                                         amp=amp, on_error=on_error, progress=progress, say=say))
         return reports
     finally:

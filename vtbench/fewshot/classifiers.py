@@ -40,8 +40,9 @@ import torch
 from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.fewshot.samplers import Episode
+from vtbench.protocols import FEWSHOT_CLASSIFIERS
 
-CLASSIFIERS = ("lr", "ncc")
+CLASSIFIERS = tuple(FEWSHOT_CLASSIFIERS)  # the registered ones (vtbench.protocols)
 BATCH_BYTES = 256 << 20  # cap on one batch's working set (gathered features, or lr kernels)
 POOL_GRAM_BYTES = 1 << 30  # cap on the Gram matrix of every row the episodes use (lr)
 MIN_PIVOT = 1e-6  # smallest squared Cholesky pivot, relative to the mean squared centred norm (lr)

@@ -21,7 +21,7 @@ from vtbench.device import resolve_device
 from vtbench.errors import VTError
 from vtbench.progress import Progress
 from vtbench.protocols import fewshot_classifier
-from vtbench.fewshot.classifiers import CLASSIFIERS, LR_HISTORY, LR_TOL, episode_accuracies
+from vtbench.fewshot.classifiers import CLASSIFIERS
 from vtbench.fewshot import episodes as episode_files
 from vtbench.fewshot.episodes import EpisodeSet, episodes_from_ids, read_episodes
 from vtbench.fewshot.samplers import FixedSampler, MetaDatasetSampler, eligible_classes, sample_episodes
@@ -31,7 +31,6 @@ from vtbench import options
 from vtbench.options import Opt
 from vtbench.settings import SELECT_OPTIONS, SettingsQuery
 from vtbench.tokens import TokenSpec, parse_spec
-from vtbench.transfer.solver import CRITERION
 
 SAMPLERS = ("md", "fixed")
 PROGRESS_EVERY_S = 10.0  # long runs report progress at most this often
@@ -131,12 +130,9 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, (str, int, TokenSpec)) else list(value)
 
 
-def _variant(classifier: str, *, l2_normalize, center, C, extras: list[str]) -> str:
+def _variant(classifier, l2_normalize: bool, extras: list[str]) -> str:
     """Classifier plus every option that changes the number, e.g. ``ncc+center``, ``lr+C0.1+300ep``."""
-    parts = fewshot_classifier(classifier, C=C, center=center).variant_parts()
-    if not l2_normalize:
-        parts.append("nol2")
-    return "+".join(parts + extras)
+    return "+".join(classifier.variant_parts() + ([] if l2_normalize else ["nol2"]) + extras)
 
 
 def run_fewshot(
@@ -184,89 +180,135 @@ def run_fewshot(
     """
     if seeds is not None:  # one run per seed, with every other argument as given
         return _each_seed(dict(locals()))
-    from vtbench import results as store
     from vtbench.allocator import keep_freed_memory
-    from vtbench.data import canonical_spec, dataset_info
 
     keep_freed_memory()  # as vt does: batched solves reuse large blocks
-
     t0 = time.perf_counter()
+    plan = _plan(dataset, tokens, sampler, classifier, episodes, ways, shots, queries, classes, seed, split,
+                 l2_normalize, center, C, device)
+    results_root = _results_root(results_dir, save)
+    pool = open_pool(CacheSet(model, plan.dataset, cache_dir=cache_dir, weights=weights,
+                              settings=SettingsQuery.of(settings, **select), data_root=data_root), plan.splits)
+    try:
+        t_open = time.perf_counter()
+        drawn = _draw_episodes(plan, pool, save_episodes)
+        timings = {"open_s": t_open - t0, "episodes_s": time.perf_counter() - t_open}
+        return _run_and_record(plan, pool, drawn, results_root, skip_existing=skip_existing, save=save,
+                               timings=timings, say=log or (lambda msg: None))
+    finally:
+        pool.close()
+
+
+@dataclass
+class _Plan:
+    """What one run_fewshot call does, its options checked and defaulted."""
+
+    info: object  # the dataset's DatasetInfo
+    dataset: str  # canonical spec
+    specs: list[TokenSpec]
+    classifiers: list  # vtbench.protocols.FewshotClassifier
+    sampler: str
+    ways: int
+    shots: list[int]
+    queries: int
+    seed: int
+    episodes: int | Path  # a count, or an episodes file to replay
+    classes: str | None
+    splits: list[str] | None
+    l2_normalize: bool
+    device: str
+
+
+def _plan(dataset, tokens, sampler, classifier, episodes, ways, shots, queries, classes, seed, split, l2_normalize,
+          center, C, device) -> _Plan:
+    from vtbench.data import canonical_spec, dataset_info
+
     specs = [parse_spec(t) for t in _as_list(tokens)]
     check_fewshot_options(sampler=sampler, classifier=classifier, episodes=episodes, ways=ways, shots=shots,
                           queries=queries, classes=classes, seed=seed, center=center, C=C)
     sampler, ways, shots, queries, seed = _sampling_defaults(sampler, ways, shots, queries, seed)
-    classifiers = _as_list(classifier)
-    device_used = str(resolve_device(device))
-    info = dataset_info(dataset)
-    dataset = canonical_spec(dataset)
-    episodes = _episode_count(episodes)
-    episode_file = None if isinstance(episodes, (int, np.integer)) else Path(episodes)
-    splits = _as_list(split) if split else None
-    query = SettingsQuery.of(settings, **select)
+    count = _episode_count(episodes)
+    return _Plan(dataset_info(dataset), canonical_spec(dataset), specs,
+                 [fewshot_classifier(name, C=C, center=center) for name in _as_list(classifier)],
+                 sampler, ways, shots, queries, seed,
+                 count if isinstance(count, (int, np.integer)) else Path(count), classes,
+                 _as_list(split) if split else None, l2_normalize, str(resolve_device(device)))
+
+
+def _results_root(results_dir, save: bool) -> Path:
+    root = default_results_dir(results_dir)
     if save:
         from vtbench.paths import writable_dir
 
-        writable_dir(default_results_dir(results_dir), "--results")
+        writable_dir(root, "--results")
+    return root
 
-    pool = open_pool(CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=query,
-                              data_root=data_root), splits)
-    try:
-        t_open = time.perf_counter()
-        if episode_file is not None:
-            sets, class_info, source, extras = _replay(episode_file, dataset, pool)
-        else:
-            subset = classes or default_subset(info.name)
-            sets, class_info = _sample(info.name, pool, subset, _samplers(sampler, ways, shots, queries),
-                                       int(episodes), seed)
-            source = {"seed": seed, "episodes": int(episodes)}
-            extras = [f"{episodes}ep"] if episodes != DEFAULT_EPISODES else []
-            if classes is not None or subset != default_subset(info.name):
-                # named whenever asked for, so that one option gives one label on every dataset
-                extras.append(f"classes-{subset}")
-            if sampler == "fixed" and queries != DEFAULT_QUERIES:
-                extras.append(f"q{queries}")
-            if save_episodes:
-                episode_files.save_episodes(save_episodes, sets, dataset=dataset, splits=pool.splits,
-                                            classes=class_info, image_ids=pool.image_ids, class_names=pool.class_names)
-        if splits:
-            extras.append("splits-" + "-".join(pool.splits))
-        t_episodes = time.perf_counter()
 
-        ref = pool.caches[0].meta
-        cache_refs = {"episodes": [c.record_ref() for c in pool.caches]}  # which images: part of the identity
-        results_root = default_results_dir(results_dir)
-        lib_versions = store.versions()
-        records = []
-        progress = Progress(log or (lambda msg: None), len(specs) * len(sets) * len(classifiers), "result",
-                            PROGRESS_EVERY_S)
-        for spec in specs:
-            for episode_set in sets:
-                for name in classifiers:
-                    record = store.new_record(
-                        "fewshot", ref, protocol=episode_set.sampler.protocol, seed=episode_set.seed, caches=cache_refs,
-                        variant=_variant(name, l2_normalize=l2_normalize, center=center, C=C, extras=extras),
-                        tokens=str(spec))
-                    stored = store.stored_record(results_root, record) if skip_existing else None
-                    if stored is not None:
-                        records.append(stored)
-                        continue
-                    t_solve = time.perf_counter()
-                    scores = episode_accuracies(
-                        pool.features(spec), episode_set.episodes, name,
-                        l2_normalize=l2_normalize, center=center, C=C, device=device_used,
-                    )
-                    record.update(_details(scores, episode_set, pool, name, l2_normalize, center, C,
-                                           class_info, source, device_used))
-                    record["timings"] = {"open_s": t_open - t0, "episodes_s": t_episodes - t_open,
-                                         "solve_s": time.perf_counter() - t_solve}
-                    record["versions"] = lib_versions
-                    if save:
-                        record["_path"] = str(store.save(results_root, record))
-                    records.append(record)
-                    progress.step(f"{spec} {episode_set.sampler.protocol}/{name}")
-        return records
-    finally:
-        pool.close()
+@dataclass
+class _Drawn:
+    """The episode sets of a run, with what the records say of them."""
+
+    sets: list[EpisodeSet]
+    class_info: dict
+    source: dict  # the seed and count, or the file replayed
+    extras: list[str]  # variant parts naming the episodes' options
+
+
+def _draw_episodes(plan: _Plan, pool: Pool, save_episodes) -> _Drawn:
+    """Replay the episodes file, or draw seeded episode sets (and save them where asked)."""
+    if isinstance(plan.episodes, Path):
+        sets, class_info, source, extras = _replay(plan.episodes, plan.dataset, pool)
+    else:
+        name = plan.info.name
+        subset = plan.classes or default_subset(name)
+        sets, class_info = _sample(name, pool, subset, _samplers(plan.sampler, plan.ways, plan.shots, plan.queries),
+                                   int(plan.episodes), plan.seed)
+        source = {"seed": plan.seed, "episodes": int(plan.episodes)}
+        extras = [f"{plan.episodes}ep"] if plan.episodes != DEFAULT_EPISODES else []
+        if plan.classes is not None or subset != default_subset(name):
+            # named whenever asked for, so that one option gives one label on every dataset
+            extras.append(f"classes-{subset}")
+        if plan.sampler == "fixed" and plan.queries != DEFAULT_QUERIES:
+            extras.append(f"q{plan.queries}")
+        if save_episodes:
+            episode_files.save_episodes(save_episodes, sets, dataset=plan.dataset, splits=pool.splits,
+                                        classes=class_info, image_ids=pool.image_ids, class_names=pool.class_names)
+    if plan.splits:
+        extras.append("splits-" + "-".join(pool.splits))
+    return _Drawn(sets, class_info, source, extras)
+
+
+def _run_and_record(plan: _Plan, pool: Pool, drawn: _Drawn, results_root: Path, *, skip_existing: bool, save: bool,
+                    timings: dict, say) -> list[dict]:
+    """One record per (spec, episode set, classifier): stored ones returned as they are (marked ``skipped``),
+    the others scored and saved."""
+    from vtbench import results as store
+
+    cache_refs = {"episodes": [c.record_ref() for c in pool.caches]}  # which images: part of the identity
+    lib_versions = store.versions()
+    records = []
+    progress = Progress(say, len(plan.specs) * len(drawn.sets) * len(plan.classifiers), "result", PROGRESS_EVERY_S)
+    for spec in plan.specs:
+        for episode_set in drawn.sets:
+            for clf in plan.classifiers:
+                record = store.new_record(
+                    "fewshot", pool.caches[0].meta, protocol=episode_set.sampler.protocol, seed=episode_set.seed,
+                    caches=cache_refs, variant=_variant(clf, plan.l2_normalize, drawn.extras), tokens=str(spec))
+                stored = store.stored_record(results_root, record) if skip_existing else None
+                if stored is not None:
+                    records.append(stored)
+                    continue
+                t_solve = time.perf_counter()
+                scores = clf.score(pool.features(spec), episode_set.episodes, l2_normalize=plan.l2_normalize,
+                                   device=plan.device)
+                record.update(_details(scores, episode_set, pool, clf, plan, drawn))
+                record["timings"] = dict(timings, solve_s=time.perf_counter() - t_solve)
+                record["versions"] = lib_versions
+                if save:
+                    record["_path"] = str(store.save(results_root, record))
+                records.append(record)
+                progress.step(f"{spec} {episode_set.sampler.protocol}/{clf.name}")
+    return records
 
 
 def _each_seed(arguments: dict) -> list[dict]:
@@ -382,22 +424,13 @@ def _samplers(sampler: str, ways: int, shots, queries: int) -> list:
     raise VTError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
 
 
-def _details(scores, episode_set, pool, classifier, l2_normalize, center, C, class_info, source, device) -> dict:
+def _details(scores, episode_set, pool, classifier, plan: _Plan, drawn: _Drawn) -> dict:
     """Metrics and provenance of one result record."""
     eps = episode_set.episodes
     accs = scores.accuracy
     mean, ci95, std = confidence_interval(accs)
-    clf = {"name": classifier, "l2_normalize": l2_normalize}
-    if classifier == "lr":
-        clf.update(C=C, l2="1/(C*n_support)", objective="mean cross-entropy + l2/2 ||W||^2, bias unpenalised",
-                   solver=f"vtbench.transfer.solver.fit_logreg (batched L-BFGS, {LR_HISTORY} pairs; episodes with "
-                          "s < d solved exactly in their s-dim kernel basis)",
-                   tol=LR_TOL, criterion=CRITERION,
-                   converged_fraction=float(scores.converged.mean()),
-                   mean_iterations=float(scores.iterations.mean()))
-    else:
-        clf.update(center=center, similarity="cosine to class centroids",
-                   centering="mean of the episode's support features" if center else None)
+    clf = {"name": classifier.name, "l2_normalize": plan.l2_normalize, **classifier.get_params(),
+           **classifier.describe_run(scores)}
     return {
         "metrics": {"accuracy": mean, "ci95": ci95, "std": std, "episodes": len(eps)},
         "episode_accuracies": [round(float(a) * 100, 4) for a in accs],
@@ -405,13 +438,13 @@ def _details(scores, episode_set, pool, classifier, l2_normalize, center, C, cla
         "fewshot": {
             "sampler": episode_set.sampler.params(),
             "classifier": clf,
-            "classes": class_info,
-            "episodes_source": source,
+            "classes": drawn.class_info,
+            "episodes_source": drawn.source,
             "pool_images": len(pool.image_ids),
             "mean_ways": float(np.mean([e.ways for e in eps])),
             "mean_support": float(np.mean([len(e.support) for e in eps])),
             "mean_query": float(np.mean([len(e.query) for e in eps])),
-            "device": device,
+            "device": plan.device,
         },
     }
 
