@@ -79,12 +79,18 @@ class FeatureSettings:
         size = (self.transform or {}).get("input_size")
         return int(size[1]) if size else None
 
-    def label(self, full: bool = False, arch: str | None = None) -> str:
-        """The settings in words: 'model 224px crop 0.875' (``full``: every setting, as the notes give it)."""
+    def label(self, full: bool = False, arch: str | None = None, perturbation: bool = True) -> str:
+        """The settings in words: 'model 224px crop 0.875' (``full``: every setting, as the notes give it;
+        ``perturbation=False`` leaves the perturbation to a column of its own)."""
+        from vtbench.perturb.spec import describe, label
+
         t = self.transform
         if not t:
             return "extraction settings not recorded"
-        return self._long(arch) if full else ", ".join([self._short()] + self._extras())
+        if full:
+            return self._long(arch) + (f"; perturbed: {describe(self.perturbation)}" if self.perturbation else "")
+        extras = self._extras() + ([label(self.perturbation)] if self.perturbation and perturbation else [])
+        return ", ".join([self._short()] + extras)
 
     def _short(self) -> str:
         t = self.transform
@@ -162,6 +168,8 @@ SELECT_OPTIONS = (
     Opt("norm", bool, None, suite=False, help="Pick caches extracted with / without the final norm.", flag="--norm/--no-norm"),
     Opt("dtype", str, None, suite=False, help="Pick caches stored in this dtype (float16 or float32)."),
     Opt("precision", str, None, suite=False, help="Pick caches whose forward ran in this precision (fp32, bf16-autocast)."),
+    Opt("perturb", str, None, suite=False, help="Pick the caches of this perturbation, as given to `vt extract --perturb` "
+        "(e.g. patchdrop:random:0.5); caches default to the clean ones."),
 )
 
 
@@ -178,6 +186,7 @@ class SettingsQuery:
     norm: Optional[bool] = None
     dtype: Optional[str] = None
     precision: Optional[str] = None
+    perturb: Optional[str] = None  # a --perturb spec; None: clean caches (find_cache), any result (filters)
 
     @classmethod
     def from_options(cls, options: dict) -> "SettingsQuery":
@@ -202,15 +211,24 @@ class SettingsQuery:
         return {"transform": t.get("mode"), "input_size": s.input_size, "crop_pct": t.get("crop_pct"),
                 "interpolation": t.get("interpolation"), "mean": _triple(t.get("mean")), "std": _triple(t.get("std")),
                 "norm": DEFAULT_NORM if s.norm is None else bool(s.norm), "dtype": s.dtype,
-                "precision": s.precision or DEFAULT_PRECISION}
+                "precision": s.precision or DEFAULT_PRECISION, "perturb": json.dumps(s.perturbation, sort_keys=True)}
 
-    def matches(self, settings: FeatureSettings | dict) -> bool:
-        """Whether the settings (or a cache's metadata / a record) agree with every setting given."""
+    def matches(self, settings: FeatureSettings | dict, clean_unless_given: bool = False) -> bool:
+        """Whether the settings (or a cache's metadata / a record) agree with every setting given.
+        ``clean_unless_given``: without ``perturb``, only clean features match (how caches are picked)."""
+        from vtbench.perturb.spec import agrees, parse
+
         if isinstance(settings, dict):
             settings = FeatureSettings.of(settings)
+        if self.perturb is not None:
+            (wanted,) = parse(self.perturb, query=True)
+            if not agrees(wanted, settings.perturbation):
+                return False
+        elif clean_unless_given and settings.perturbation:
+            return False
         actual = self._checks(settings)
         return all(actual[name] == (_triple(want) if name in ("mean", "std") else want)
-                   for name, want in self.given().items())
+                   for name, want in self.given().items() if name != "perturb")
 
     def given(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -438,7 +438,7 @@ def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, 
 
     return [r for r in records if r.get("task") == task and r.get("model") == entry.model and r.get("dataset") == canon
             and weights_match(wfilter, r["weights"].get("sha256"), r["weights"].get("source"))
-            and settings.matches(r) and on_suite_data(r)]
+            and settings.matches(r, clean_unless_given=True) and on_suite_data(r)]
 
 
 def _fewshot_protocols(options: dict) -> list[str]:

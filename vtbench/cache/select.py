@@ -63,7 +63,7 @@ def _candidates(root: Path, model: str, dataset: str, split: str | None, weights
             continue
         if not weights_match(weights, meta.get("weights_sha256"), meta.get("weights_source")):
             continue
-        if settings is not None and not settings.matches(meta):
+        if not (settings or SettingsQuery()).matches(meta, clean_unless_given=True):
             continue
         if data_root is not None and not same_data(meta, data_root):
             continue

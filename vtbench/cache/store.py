@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -114,9 +114,11 @@ def block_name(block: int) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """What a cache holds: for each kind, the feature dim of every block."""
+    """What a cache holds: for each kind, the feature dim of every block; and the per-row records of its
+    perturbation (``{name: (width, dtype)}``, e.g. the dropped cells), stored under ``/perturbation``."""
 
     dims: dict[str, list[int]]
+    records: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -146,6 +148,7 @@ class CacheWriter:
         self._features = {
             (kind, int(block)): ds for kind, grp in f["features"].items() for block, ds in grp.items()
         }
+        self._records = dict(f["perturbation"].items()) if "perturbation" in f else {}
         self._status = f["row_status"]
         self._pending: list[tuple[int, np.ndarray]] = []
         self._skipped_log = self.partial.with_name(self.partial.name + ".skipped.jsonl")
@@ -197,13 +200,17 @@ class CacheWriter:
         start: int,
         features: dict[tuple[str, int], np.ndarray],
         skipped: dict[int, str] | None = None,
+        records: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Write rows ``start..start+len`` of every (kind, block); ``skipped`` maps row -> error."""
+        """Write rows ``start..start+len`` of every (kind, block) and perturbation record; ``skipped`` maps
+        row -> error."""
         rows = None
         for key, ds in self._features.items():
             arr = features[key]
             rows = len(arr)
             ds[start : start + rows] = arr.astype(ds.dtype, copy=False)
+        for name, ds in self._records.items():
+            ds[start : start + rows] = np.asarray(records[name]).astype(ds.dtype, copy=False)
         status = np.full(rows, WRITTEN, dtype=np.uint8)
         if skipped:
             status[[r - start for r in skipped]] = SKIPPED
@@ -345,6 +352,13 @@ def _create(partial, meta, layout, labels, image_ids, class_names, batch_size) -
                 block_name(block), shape=(n, dim), dtype=dtype,
                 chunks=(_chunk_rows(n, dim * dtype.itemsize), dim), dcpl=dcpl, track_times=False,
             )
+        for name, (width, rec_dtype) in layout.records.items():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            f.require_group("perturbation").create_dataset(
+                name, shape=(n, width), dtype=np.dtype(rec_dtype),
+                chunks=(_chunk_rows(n, width * np.dtype(rec_dtype).itemsize), width), dcpl=dcpl, track_times=False)
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         f.create_dataset("row_status", shape=(n,), dtype=np.uint8, chunks=(_chunk_rows(n, 1),),
@@ -442,6 +456,14 @@ class FeatureCache:
         if not self._all_rows:
             arr = arr[self._rows]
         return arr.astype(dtype, copy=False)
+
+    def perturbation_record(self, name: str) -> np.ndarray:
+        """What the perturbation did to every written row (``dropped_cells``, ``permutation``, ``dropped_tokens``)."""
+        if "perturbation" not in self._f or name not in self._f["perturbation"]:
+            have = list(self._f["perturbation"]) if "perturbation" in self._f else []
+            raise VTError(f"cache {self.path.name} has no perturbation record '{name}' (it has: {', '.join(have) or 'none'})")
+        arr = self._f["perturbation"][name][:]
+        return arr if self._all_rows else arr[self._rows]
 
     def features(self, spec: str | TokenSpec, dtype=np.float32) -> np.ndarray:
         """Concatenated features for a token spec (e.g. ``cls[-4:]``); reads only the blocks it needs."""

@@ -57,9 +57,9 @@ def ls(
     """List caches: status, model, dataset/split, kinds, rows written/total, skipped, root, date, size, settings.
     Unreadable .h5 files are listed as FAIL (exit 1)."""
     from vtbench.cache import unreadable_caches
-    from vtbench.paths import cache_dir
-
     from vtbench.data import canonical_spec
+    from vtbench.paths import cache_dir
+    from vtbench.perturb.spec import label
 
     root = cache_dir(out)
     dataset = canonical_spec(dataset) if dataset else None  # as caches name it: dtd -> dtd:1
@@ -78,7 +78,9 @@ def ls(
             f"rows {done}/{total}  skipped {m.get('n_skipped', 0) or 0}  root {m.get('dataset_root') or '-'}  "
             f"{str(m.get('completed') or m.get('created', '?'))[:16]}  {_size(path)}  "
             f"weights={str(m.get('weights_sha256', ''))[:12]}  transform={m.get('transform', {}).get('mode', '?')}  "
-            f"norm={m.get('norm')}  {m.get('dtype')}  {path.relative_to(root)}"
+            f"norm={m.get('norm')}  {m.get('dtype')}  "
+            + (f"perturb={label(m['perturbation'])}  " if m.get("perturbation") else "")
+            + f"{path.relative_to(root)}"
         )
     for path, why in broken:
         typer.echo(f"FAIL     {path.relative_to(root)}: {why} (remove it with 'vt cache prune')")

