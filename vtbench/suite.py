@@ -54,6 +54,8 @@ MODEL_KEYS = {
     "model_kwargs": "keyword arguments for timm.create_model, e.g. {img_size: 224}",
     "tokens": "token specs for this model (default: the probe/fewshot section's)",
     "input_size": "input size for this model (a ViT is built for it), instead of the extract section's",
+    "perturb": "perturbations of this model (a list of --perturb specs), instead of the extract section's; each "
+               "gets its caches, probes and few-shot runs beside the clean ones",
 }
 PLOTS = ("per-block", "bars")
 # Suite-only keys of a section (not options of its command), with what they mean.
@@ -75,6 +77,7 @@ class ModelEntry:
     model_kwargs: dict = field(default_factory=dict)
     tokens: list[str] | None = None
     input_size: int | None = None
+    perturb: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -126,22 +129,33 @@ class Suite:
             keep.append(found)
         return replace(self, datasets=list(dict.fromkeys(keep)))
 
-    def settings_for(self, entry: "ModelEntry") -> "SettingsQuery":
+    def perturb_specs(self, entry: "ModelEntry") -> list[str]:
+        """The model's perturbations as --perturb specs (its own list, else the extract section's)."""
+        return list(entry.perturb if entry.perturb is not None else self.extract.get("perturb") or [])
+
+    def perturbations_for(self, entry: "ModelEntry") -> list[str | None]:
+        """None (the clean features) and one query spec per perturbation (per trial) of this model."""
+        from vtbench.perturb.spec import parse_all, spec_of
+
+        return [None] + [spec_of(p) for p in parse_all(self.perturb_specs(entry))]
+
+    def settings_for(self, entry: "ModelEntry", perturb: str | None = None) -> "SettingsQuery":
         """The extraction settings of this model's caches (the extract section's, with extract's defaults, and
-        the model's input size): which caches and results are the suite's."""
+        the model's input size; ``perturb`` one of its perturbations): which caches and results are the suite's."""
         from vtbench.settings import DEFAULT_DTYPE, DEFAULT_NORM, DEFAULT_TRANSFORM, SettingsQuery
 
         ex = self.extract
         return SettingsQuery(transform=ex.get("transform", DEFAULT_TRANSFORM), input_size=self.input_size_for(entry),
                              crop_pct=ex.get("crop_pct"), interpolation=ex.get("interpolation"),
-                             norm=ex.get("norm", DEFAULT_NORM), dtype=ex.get("dtype", DEFAULT_DTYPE))
+                             norm=ex.get("norm", DEFAULT_NORM), dtype=ex.get("dtype", DEFAULT_DTYPE), perturb=perturb)
 
-    def caches_for(self, entry: "ModelEntry", dataset: str, weights: str | None = None) -> "CacheSet":
+    def caches_for(self, entry: "ModelEntry", dataset: str, weights: str | None = None,
+                   perturb: str | None = None) -> "CacheSet":
         """The caches of this model (``weights``: a sha256, else the entry's weights filter) on ``dataset``."""
         from vtbench.cache import CacheSet
 
         return CacheSet(entry.model, dataset, cache_dir=self.cache_dir, weights=weights or entry.weights_filter(),
-                        settings=self.settings_for(entry), data_root=self.data_root_for(dataset))
+                        settings=self.settings_for(entry, perturb), data_root=self.data_root_for(dataset))
 
     def input_size_for(self, entry: "ModelEntry") -> int | None:
         """The input size this model's caches are made at: its own ``input_size``, else the extract section's."""
@@ -297,7 +311,15 @@ def _model_entry(item, index: int, source: str) -> ModelEntry:
     if tokens is not None:
         tokens = [str(t) for t in (tokens if isinstance(tokens, list) else [tokens])]
     size = _convert(params["input_size"], item["input_size"], f"{where}.input_size") if "input_size" in item else None
-    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens, size)
+    perturb = _convert(params["perturb"], item["perturb"], f"{where}.perturb") if "perturb" in item else None
+    if perturb:
+        from vtbench.perturb.spec import parse_all
+
+        try:
+            parse_all(perturb)
+        except VTError as exc:
+            raise VTError(f"{where}.perturb: {exc}") from None
+    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens, size, perturb)
 
 
 def load_suite(path: str | os.PathLike | None = None) -> Suite:
@@ -411,25 +433,28 @@ def _cached_splits(suite: Suite, entry: ModelEntry, dataset: str) -> tuple[list[
         wanted = [s for s in wanted if s in present]
     except VTError:
         pass  # data not on disk yet: plan the usual splits
-    caches, done = suite.caches_for(entry, dataset), []
+    sets, done = [suite.caches_for(entry, dataset, perturb=p) for p in suite.perturbations_for(entry)], []
     for split in wanted:
         try:
-            caches.find(split)
+            for caches in sets:
+                caches.find(split)
             done.append(split)
         except VTError:
             pass
     return wanted, done
 
 
-def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, task: str) -> list[dict]:
-    """Stored records of this entry and dataset made from caches with the suite's extraction settings."""
+def _stored(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str, task: str,
+            perturb: str | None = None) -> list[dict]:
+    """Stored records of this entry and dataset made from caches with the suite's extraction settings (and
+    ``perturb``, else clean ones)."""
     from vtbench.data import canonical_spec
 
     from vtbench.cache.select import same_data, weights_match
 
     wfilter = entry.weights_filter()
     canon = canonical_spec(dataset)
-    settings = suite.settings_for(entry)
+    settings = suite.settings_for(entry, perturb)
     root = suite.data_root_for(dataset)
 
     def on_suite_data(r: dict) -> bool:
@@ -448,10 +473,38 @@ def _fewshot_protocols(options: dict) -> list[str]:
     return protocols_for(**{k: options.get(k) for k in ("sampler", "ways", "shots", "queries")})
 
 
+def _evaluation_steps(suite: Suite, records: list[dict], entry: ModelEntry, dataset: str,
+                      perturb: str | None) -> list[Step]:
+    """The probe and few-shot steps of one model on one dataset, on its clean or ``perturb``-ed caches."""
+    from vtbench.tokens import parse_spec
+
+    label = entry.label + (f" [{perturb}]" if perturb else "")
+    steps = []
+    if suite.probe is not None:
+        stored = _stored(suite, records, entry, dataset, "probe", perturb)
+        for protocol in suite.probe.get("protocol") or ["default"]:
+            for spec in _tokens(suite, entry, suite.probe):
+                canon = str(parse_spec(spec))
+                hit = any(r["tokens"] == canon and r["protocol"] == protocol for r in stored)
+                steps.append(Step("probe", dataset, f"{label} {canon} {protocol}", hit))
+            if protocol in per_block_protocols(suite):
+                n = sum(1 for r in stored if r["protocol"] == protocol and _PER_BLOCK.fullmatch(r["tokens"]))
+                steps.append(Step("probe", dataset, f"{label} per-block {protocol} ({n} stored)", n > 0))
+    if suite.fewshot is not None:
+        stored = _stored(suite, records, entry, dataset, "fewshot", perturb)
+        for spec in _tokens(suite, entry, suite.fewshot):
+            canon = str(parse_spec(spec))
+            for protocol in _fewshot_protocols(suite.fewshot):
+                for classifier in suite.fewshot.get("classifier") or ["lr"]:
+                    hit = any(r["tokens"] == canon and r["protocol"] == protocol
+                              and r.get("variant", "").split("+")[0] == classifier for r in stored)
+                    steps.append(Step("fewshot", dataset, f"{label} {canon} {protocol} {classifier}", hit))
+    return steps
+
+
 def plan(suite: Suite) -> list[Step]:
     """Every step of the suite, marked done where its cache or result already exists."""
     from vtbench import results as store
-    from vtbench.tokens import parse_spec
 
     records = store.load(suite.results_dir()).records
     steps = []
@@ -461,25 +514,8 @@ def plan(suite: Suite) -> list[Step]:
             steps.append(Step("extract", dataset, f"{entry.label}: splits {', '.join(wanted)}"
                               + (f" ({len(done)}/{len(wanted)} cached)" if done else ""), len(done) == len(wanted)))
         for entry in suite.models:
-            if suite.probe is not None:
-                stored = _stored(suite, records, entry, dataset, "probe")
-                for protocol in suite.probe.get("protocol") or ["default"]:
-                    for spec in _tokens(suite, entry, suite.probe):
-                        canon = str(parse_spec(spec))
-                        hit = any(r["tokens"] == canon and r["protocol"] == protocol for r in stored)
-                        steps.append(Step("probe", dataset, f"{entry.label} {canon} {protocol}", hit))
-                    if protocol in per_block_protocols(suite):
-                        n = sum(1 for r in stored if r["protocol"] == protocol and _PER_BLOCK.fullmatch(r["tokens"]))
-                        steps.append(Step("probe", dataset, f"{entry.label} per-block {protocol} ({n} stored)", n > 0))
-            if suite.fewshot is not None:
-                stored = _stored(suite, records, entry, dataset, "fewshot")
-                for spec in _tokens(suite, entry, suite.fewshot):
-                    canon = str(parse_spec(spec))
-                    for protocol in _fewshot_protocols(suite.fewshot):
-                        for classifier in suite.fewshot.get("classifier") or ["lr"]:
-                            hit = any(r["tokens"] == canon and r["protocol"] == protocol
-                                      and r.get("variant", "").split("+")[0] == classifier for r in stored)
-                            steps.append(Step("fewshot", dataset, f"{entry.label} {canon} {protocol} {classifier}", hit))
+            for perturb in suite.perturbations_for(entry):
+                steps += _evaluation_steps(suite, records, entry, dataset, perturb)
     report = suite.report_path()
     steps.append(Step("report", "*", f"leaderboard + plots in {report}", (report / "leaderboard.md").exists()))
     return steps
@@ -536,40 +572,55 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
         return steps
 
     from vtbench.extract import extract
-    from vtbench.fewshot import run_fewshot
     from vtbench.paths import cache_dir, writable_dir
 
     ex = dict(suite.extract)
     ex.pop("input_size", None)  # each backbone is built, and its transform sized, for its own (input_size_for)
+    ex.pop("perturb", None)  # each model's own list (perturb_specs)
     backbones = _build_backbones(suite, ex.get("device"), say)
     _check_inputs(suite, backbones, steps)
     # Every output folder takes files before any work (not after the first extraction), once the inputs are sound.
     writable_dir(suite.results_dir(), f"{suite.path}: results:")
     writable_dir(suite.report_path(), f"{suite.path}: report_dir:")
     writable_dir(cache_dir(suite.cache_dir), f"{suite.path}: cache_dir:")
+    # Models with the same perturbations share one decode pass (all of them, where none has its own list).
+    by_perturbations: dict[tuple, list] = {}
+    for entry, bb in zip(suite.models, backbones):
+        by_perturbations.setdefault(tuple(suite.perturb_specs(entry)), []).append(bb)
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")
-        for report in extract(backbones, dataset, None, suite.root_for(dataset), cache_dir=suite.cache_dir,
-                              progress=progress, **ex):
-            say("  " + report.summary())
+        for specs, members in by_perturbations.items():
+            for report in extract(members, dataset, None, suite.root_for(dataset), cache_dir=suite.cache_dir,
+                                  progress=progress, perturb=list(specs), **ex):
+                say("  " + report.summary())
         for entry, bb in zip(suite.models, backbones):
-            pick = dict(cache_dir=suite.cache_dir, weights=bb.weights_sha256, skip_existing=True,
-                        settings=suite.settings_for(entry), data_root=suite.data_root_for(dataset))
-            if suite.probe is not None:
-                say(f"== {dataset}: probe {entry.label}")
-                for rec in _run_probes(suite, entry, dataset, pick, say):
-                    say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}")
-            if suite.fewshot is not None:
-                opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
-                say(f"== {dataset}: few-shot {entry.label}")
-                for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot),
-                                       results_dir=suite.results, log=say, **opts, **pick):
-                    m = rec["metrics"]
-                    state = " (stored)" if rec.get("skipped") else ""
-                    say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "
-                        f"{m['accuracy']:.2f} ± {m['ci95']:.2f}{state}")
+            for perturb in suite.perturbations_for(entry):
+                _evaluate(suite, entry, bb, dataset, perturb, say)
     write_report(suite, say)
     return steps
+
+
+def _evaluate(suite: Suite, entry: ModelEntry, bb, dataset: str, perturb: str | None, say) -> None:
+    """The probe and few-shot sections for one model on one dataset, on its clean or ``perturb``-ed caches."""
+    from vtbench.fewshot import run_fewshot
+
+    pick = dict(cache_dir=suite.cache_dir, weights=bb.weights_sha256, skip_existing=True,
+                settings=suite.settings_for(entry, perturb), data_root=suite.data_root_for(dataset))
+    label = entry.label + (f" [{perturb}]" if perturb else "")
+    if suite.probe is not None:
+        say(f"== {dataset}: probe {label}")
+        for rec in _run_probes(suite, entry, dataset, pick, say):
+            state = " (stored)" if rec.get("skipped") else ""
+            say(f"  {rec['tokens']:24s} {rec['protocol']:8s} top1 {rec['metrics']['top1']:.2f}{state}")
+    if suite.fewshot is not None:
+        opts = {k: v for k, v in suite.fewshot.items() if k != "tokens"}
+        say(f"== {dataset}: few-shot {label}")
+        for rec in run_fewshot(entry.model, dataset, _tokens(suite, entry, suite.fewshot),
+                               results_dir=suite.results, log=say, **opts, **pick):
+            m = rec["metrics"]
+            state = " (stored)" if rec.get("skipped") else ""
+            say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "
+                f"{m['accuracy']:.2f} ± {m['ci95']:.2f}{state}")
 
 
 def per_block_protocols(suite: Suite) -> list[str]:

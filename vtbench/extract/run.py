@@ -286,10 +286,12 @@ def _as_backbones(models, weights, model_kwargs, input_size, seed, device, say) 
 
 
 def check_extract_options(*, dtype: str = DEFAULT_DTYPE, on_error: str = "skip", batch_size: int = 64,
-                          transform: str = DEFAULT_TRANSFORM) -> None:
+                          transform: str = DEFAULT_TRANSFORM, perturb=None) -> None:
     """Raise VTError for any of these options ``extract`` would refuse (suites check theirs with it when they load)."""
     from vtbench.models.transforms import check_transform_mode
+    from vtbench.perturb.spec import parse_all
 
+    parse_all(perturb)
     if dtype not in DTYPES:
         raise VTError(f"--dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
     if on_error not in ("skip", "fail"):

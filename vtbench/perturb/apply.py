@@ -41,16 +41,17 @@ def black_value(transform_desc: dict) -> torch.Tensor:
     return ((torch.zeros(3) - mean) / std).reshape(3, 1, 1)
 
 
+def cell_of_pixel(size: int, cells: int) -> np.ndarray:
+    """For each of ``size`` pixels, the index of the cell (of :func:`cell_bounds`) it lies in."""
+    return np.repeat(np.arange(cells), [stop - start for start, stop in cell_bounds(size, cells)])
+
+
 def drop_cells(x: torch.Tensor, dropped: np.ndarray, grid: tuple[int, int], black: torch.Tensor) -> torch.Tensor:
     """``x`` (B, 3, H, W) with the cells ``dropped`` (B, gh * gw bool) set to ``black``."""
-    out = x.clone()
-    rows, cols = cell_bounds(x.shape[2], grid[0]), cell_bounds(x.shape[3], grid[1])
-    black = black.to(x.dtype)
-    for b, cells in enumerate(dropped):
-        for cell in np.flatnonzero(cells):
-            (r0, r1), (c0, c1) = rows[cell // grid[1]], cols[cell % grid[1]]
-            out[b, :, r0:r1, c0:c1] = black
-    return out
+    cells = np.asarray(dropped, dtype=bool).reshape(len(dropped), grid[0], grid[1])
+    rows, cols = cell_of_pixel(x.shape[2], grid[0]), cell_of_pixel(x.shape[3], grid[1])
+    pixels = torch.from_numpy(cells[:, rows[:, None], cols[None, :]]).to(x.device)  # (B, H, W)
+    return torch.where(pixels[:, None], black.to(x.device, x.dtype)[None], x)
 
 
 def shuffle_pieces(x: torch.Tensor, permutations: np.ndarray, grid: int) -> torch.Tensor:

@@ -141,6 +141,26 @@ def parse_all(specs) -> list[dict]:
     return out
 
 
+def spec_of(p: dict) -> str:
+    """The spec string of a parsed perturbation (its trial named): ``parse(spec_of(p), query=True) == [p]``."""
+    kind = p["kind"]
+    if kind == "patchdrop":
+        amount = p["ratio"] if p["mode"] == "random" else p["mass"]
+        parts = ["patchdrop", p["mode"], f"{amount:g}"]
+        parts += [f"grid={p['grid']}"] if "grid" in p else []
+        parts += [f"head={p['head']}"] if "head" in p and p["head"] != DEFAULT_HEAD else []
+    elif kind == "shuffle":
+        parts = ["shuffle", str(p["grid"])]
+    elif kind == "lesion":
+        where = f"{p['stage']}.{p['block']}" if "stage" in p else str(p["block"])
+        parts = ["lesion", p["part"], where]
+    else:
+        parts = ["tokendrop", f"{p['ratio']:g}", f"block={p['before_block']}"]
+    if "seed" in p:
+        parts += ([f"seed={p['seed']}"] if p["seed"] else []) + ([f"trial={p['trial']}"] if p["trial"] else [])
+    return ":".join(parts)
+
+
 def agrees(query: dict, stored: dict | None) -> bool:
     """Whether a cache's perturbation (None: clean) is one the query spec's dict stands for (a negative block
     index counts from the model's last block, as the cache's ``depth`` says)."""
