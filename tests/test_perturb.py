@@ -294,3 +294,42 @@ def test_real_vit_patchdrop_on_shared_dtd(tmp_path, vit_weights, vt):
 
     tops = {r["perturbation"]["kind"] if r.get("perturbation") else "clean": r["metrics"]["top1"] for r in load(results)}
     assert tops["clean"] > 30 and 100 / 47 < tops["patchdrop"] < tops["clean"], tops  # DTD: 47 classes
+
+
+def test_suite_extracts_probes_and_reports_each_perturbation(tmp_path):
+    from vtbench.report.leaderboard import build_leaderboard
+    from vtbench.results import load
+    from vtbench.suite import load_suite, plan, run_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"""
+suite: perturbed
+datasets: [digits]
+results: {tmp_path / 'r'}
+report_dir: {tmp_path / 'report'}
+cache_dir: {tmp_path / 'c'}
+models:
+  - model: {VIT}
+    random_init: true
+    model_kwargs: {{img_size: 32, patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}}
+    tokens: ["cls[-1]"]
+    perturb: [patchdrop:random:0.5, "shuffle:2"]
+probe:
+  protocol: [knn]
+leaderboard:
+  plots: [bars]
+""")
+    suite = load_suite(path)
+    steps = [s.what for s in plan(suite) if s.kind == "probe"]
+    assert len(steps) == 3 and any("[patchdrop:random:0.5]" in s for s in steps) and any("[shuffle:2]" in s for s in steps)
+    run_suite(suite, progress=False, log=lambda msg: None)
+    assert all(s.done for s in plan(suite))
+    records = load(tmp_path / "r").records
+    assert sorted((r.get("perturbation") or {}).get("kind", "clean") for r in records) == ["clean", "patchdrop", "shuffle"]
+    (section,) = build_leaderboard(load(tmp_path / "r")).sections
+    assert section.show_perturbation and sorted(r.perturbation for r in section.rows) == [
+        "", "patchdrop random 50% on 4x4", "shuffle 2x2"]
+    bad = path.read_text().replace("shuffle:2", "shuffle:x")
+    path.write_text(bad)
+    with pytest.raises(VTError, match="perturb"):
+        load_suite(path)
