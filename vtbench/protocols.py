@@ -100,6 +100,11 @@ class ProbeProtocol(Protocol):
         (:class:`vtbench.transfer.probe.Task`)."""
         raise NotImplementedError
 
+    def fit(self, task, spec):
+        """The probe fitted on one spec (:class:`vtbench.transfer.probe.Fitted`): what scores other test sets
+        (``vt robust``)."""
+        raise VTError(f"the {self.name} protocol cannot score other test sets; use default, sklearn, knn or ncc")
+
     def table_note(self, record: dict) -> str:
         """The last column of `vt probe`'s table for one record of this protocol."""
         return ""
@@ -122,6 +127,11 @@ class _Logistic(ProbeProtocol):
         from vtbench.transfer.probe import logistic
 
         return logistic(task, self.backend)
+
+    def fit(self, task, spec):
+        from vtbench.transfer.probe import fit_logistic
+
+        return fit_logistic(task, spec, self.backend)
 
     def table_note(self, record: dict) -> str:
         from vtbench.results import convergence_note
@@ -185,6 +195,11 @@ class KNNProbe(ProbeProtocol):
 
         return knn(task)
 
+    def fit(self, task, spec):
+        from vtbench.transfer.probe import fit_knn
+
+        return fit_knn(task, spec)
+
     def table_note(self, record: dict) -> str:
         return f"k={record['selection']['chosen']} ({record['solver']['backend']})"
 
@@ -198,34 +213,68 @@ class NearestCentroidProbe(ProbeProtocol):
     note = "nearest class centroid: cosine similarity to the mean of each class's L2-normalised train features"
     summary = "nearest centroid: cosine to the class means of the L2-normalised train features; no selection"
 
-    def run(self, task) -> list[dict]:
+    def fit(self, task, spec):
         import time
 
+        import torch
+
+        from vtbench.transfer.probe import Fitted
+
+        t0 = time.perf_counter()
+        train = torch.nn.functional.normalize(torch.from_numpy(task.train.features(spec)).double(), dim=1)
+        labels = torch.from_numpy(task.train.labels).long()
+        sums = torch.zeros(task.num_classes, train.shape[1], dtype=torch.float64).index_add_(0, labels, train)
+        present = torch.bincount(labels, minlength=task.num_classes) > 0
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+
+        def predict(features):
+            scores = torch.nn.functional.normalize(torch.from_numpy(features).double(), dim=1) @ centroids.T
+            scores[:, ~present] = -torch.inf  # a class without training images is never predicted
+            return scores
+
+        return Fitted(predict, {"selection": {"note": "no selection: class means of the train split"},
+                                "solver": {"name": "ncc", "dtype": "float64",
+                                           "similarity": "cosine (L2-normalised features, normalised means)"},
+                                "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1}})
+
+    def run(self, task) -> list[dict]:
         import torch
 
         from vtbench.transfer.metrics import classification_metrics
 
         out = []
         for spec in task.specs:
-            t0 = time.perf_counter()
-            train = torch.nn.functional.normalize(torch.from_numpy(task.train.features(spec)).double(), dim=1)
-            test = torch.nn.functional.normalize(torch.from_numpy(task.test.features(spec)).double(), dim=1)
-            labels = torch.from_numpy(task.train.labels).long()
-            sums = torch.zeros(task.num_classes, train.shape[1], dtype=torch.float64).index_add_(0, labels, train)
-            present = torch.bincount(labels, minlength=task.num_classes) > 0
-            centroids = torch.nn.functional.normalize(sums, dim=1)
-            scores = test @ centroids.T
-            scores[:, ~present] = -torch.inf  # a class without training images is never predicted
-            metrics = classification_metrics(scores, torch.from_numpy(task.test.labels).long())
-            out.append({"metrics": metrics,
-                        "selection": {"note": "no selection: class means of the train split"},
-                        "solver": {"name": "ncc", "similarity": "cosine (L2-normalised features, normalised means)",
-                                   "dtype": "float64"},
-                        "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1}})
+            fitted = self.fit(task, spec)
+            scores = fitted.predict(task.test.features(spec))
+            out.append({"metrics": classification_metrics(scores, torch.from_numpy(task.test.labels).long()),
+                        **fitted.outcome})
         return out
 
     def table_note(self, record: dict) -> str:
         return "no selection"
+
+
+# ------------------------------------------------------------------------------------------ analyses
+
+
+class AnalysisProtocol(Protocol):
+    """A measure of features rather than a probe (vt robust stability, cka); registered for its note."""
+
+    task = "analysis"
+
+
+@register_protocol
+class PearsonStability(AnalysisProtocol):
+    name = "pearson"
+    note = ("feature stability: per block, the mean over test images of the Pearson correlation between the clean "
+            "feature and the perturbed feature of the same image")
+
+
+@register_protocol
+class LinearCKA(AnalysisProtocol):
+    name = "linear-cka"
+    note = ("linear CKA (Kornblith et al. 2019) between blocks on the test images, biased estimator shown, "
+            "debiased in the records")
 
 
 # ------------------------------------------------------------------------------------------ few-shot

@@ -457,6 +457,17 @@ class FeatureCache:
             arr = arr[self._rows]
         return arr.astype(dtype, copy=False)
 
+    def block_rows(self, kind: str, block: int, start, stop: int | None = None, dtype=np.float64) -> np.ndarray:
+        """Rows ``start:stop`` of the written rows of one (kind, block), or the written rows at the indices
+        ``start`` (an array): what streamed passes read, a chunk at a time."""
+        nblocks = self.kinds[kind]
+        ds = self._f["features"][kind][block_name(block % nblocks)]
+        rows = self._rows[start:stop] if stop is not None else self._rows[np.asarray(start)]
+        if len(rows) == 0:
+            return np.zeros((0, ds.shape[1]), dtype)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        return ds[lo:hi][rows - lo].astype(dtype, copy=False)
+
     def perturbation_record(self, name: str) -> np.ndarray:
         """What the perturbation did to every written row (``dropped_cells``, ``permutation``, ``dropped_tokens``)."""
         if "perturbation" not in self._f or name not in self._f["perturbation"]:

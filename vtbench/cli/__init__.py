@@ -21,6 +21,7 @@ from vtbench.cli import (  # noqa: E402,F401
     models,
     plot,
     probe,
+    robust,
     run,
 )
 

@@ -65,3 +65,52 @@ def bars(**values) -> None:
 
 command_from(plot_app, "per-block", PER_BLOCK_OPTIONS, per_block, multi_value=False)
 command_from(plot_app, "bars", BARS_OPTIONS, bars, multi_value=False)
+
+_DATASET = Opt("dataset", str, REQUIRED, "Dataset spec or short name (e.g. dtd).", short="-d")
+ROBUST_PLOT_OPTIONS = (_SHARED["results_dir"], _DATASET, _OUT, _SHARED["models"],
+                       Opt("metric", str, "top1", "Metric on the y axis."))
+CKA_PLOT_OPTIONS = (_SHARED["results_dir"], _DATASET, _OUT,
+                    Opt("model", str, None, "The model (default: every model with CKA results).", short="-m"),
+                    Opt("tokens", str, None, "Token kind (cls, patch, stage; default: all).", short="-t"),
+                    Opt("estimator", str, "biased", "biased or debiased."))
+
+
+def robust(**values) -> None:
+    """Accuracy under PatchDrop (against the fraction dropped) and patch shuffle (against the grid)."""
+    from vtbench.report.plots import plot_robustness
+
+    plot_robustness(_table(values), values["dataset"], values["out"], models=split_list(values["models"]),
+                    metric=values["metric"])
+    typer.echo(f"wrote {values['out']}")
+
+
+def lesions(**values) -> None:
+    """The lesion study: accuracy drop per removed block, attention against MLP against whole block."""
+    from vtbench.report.plots import plot_lesions
+
+    plot_lesions(_table(values), values["dataset"], values["out"], models=split_list(values["models"]),
+                 metric=values["metric"])
+    typer.echo(f"wrote {values['out']}")
+
+
+def stability(**values) -> None:
+    """Feature stability: clean-vs-perturbed correlation per block, one line per perturbation."""
+    from vtbench.report.plots import plot_stability
+
+    plot_stability(_table(values), values["dataset"], values["out"], models=split_list(values["models"]))
+    typer.echo(f"wrote {values['out']}")
+
+
+def cka(**values) -> None:
+    """The block x block linear CKA heatmap."""
+    from vtbench.report.plots import plot_cka
+
+    plot_cka(_table(values), values["dataset"], values["out"], model=values["model"], tokens=values["tokens"],
+             estimator=values["estimator"])
+    typer.echo(f"wrote {values['out']}")
+
+
+command_from(plot_app, "robust", ROBUST_PLOT_OPTIONS, robust, multi_value=False)
+command_from(plot_app, "lesions", ROBUST_PLOT_OPTIONS, lesions, multi_value=False)
+command_from(plot_app, "stability", ROBUST_PLOT_OPTIONS[:-1], stability, multi_value=False)
+command_from(plot_app, "cka", CKA_PLOT_OPTIONS, cka, multi_value=False)

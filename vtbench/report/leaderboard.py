@@ -49,10 +49,14 @@ MISSING = "—"
 PARTIAL = "*"  # marks a Mean / Avg rank over fewer datasets than the table has
 
 # Tables come in this order; other tasks follow alphabetically.
-TASK_ORDER = ("probe", "fewshot")
+TASK_ORDER = ("probe", "fewshot", "robust", "stability", "cka")
+
+# Metrics that are fractions in [0, 1] (or correlations), not percentages: shown with 3 decimals, no "%".
+FRACTION_METRICS = ("relative", "pearson", "cosine", "adjacent_cka", "first_last_cka")
 
 # The metric a task's table shows when none is asked for.
-DEFAULT_METRIC = {"probe": "top1", "fewshot": "accuracy"}
+DEFAULT_METRIC = {"probe": "top1", "fewshot": "accuracy", "robust": "top1", "stability": "pearson",
+                  "cka": "adjacent_cka"}
 
 METRIC_NOTES = {
     "top1": "top-1 accuracy on the test split (%)",
@@ -62,6 +66,10 @@ METRIC_NOTES = {
     "top1_max_over_epochs": "maximum test top-1 over the training epochs (%), as the IPViT paper reported; "
     "selected on the test split, so optimistic",
     "accuracy": "mean episode accuracy ± 95% confidence half-width (1.96·std/√episodes), %",
+    "relative": "top-1 under the perturbation / clean top-1 of the same probe",
+    "pearson": "mean over test images of the Pearson correlation between the last block's clean and perturbed "
+               "feature (vt robust stability)",
+    "adjacent_cka": "mean linear CKA between consecutive blocks on the test images (vt robust cka)",
 }
 
 # What the parts of a variant name that vtbench.fewshot.run writes about its episodes mean; the parts a
@@ -292,9 +300,11 @@ def _md_escape(text: str) -> str:
 
 
 def _section_markdown(sec: Section) -> str:
-    unit = f"{sec.metric} ± 95% CI (%)" if sec.has_ci else f"{sec.metric} (%)"
+    unit = f"{sec.metric} ± 95% CI (%)" if sec.has_ci else (
+        sec.metric if sec.metric in FRACTION_METRICS else f"{sec.metric} (%)")
     if sec.has_seed_spread:
-        unit += "; over several seeds: mean ± std over seeds"
+        unit += "; over several seeds (or trials): mean ± std" if sec.task == "robust" else \
+            "; over several seeds: mean ± std over seeds"
     head = ["Model", "Tokens", "Protocol"]
     if sec.show_weights:
         head.append("Weights")
@@ -337,10 +347,12 @@ def _section_markdown(sec: Section) -> str:
                 cols.append(MISSING)
             else:
                 spread = cell.std if cell.std is not None else cell.ci95
-                text = f"{cell.value:.1f}" if spread is None else f"{cell.value:.1f}±{spread:.1f}"
+                digits = 1 if sec.metric not in FRACTION_METRICS else 3
+                text = f"{cell.value:.{digits}f}" if spread is None else f"{cell.value:.{digits}f}±{spread:.{digits}f}"
                 cols.append(bold_if(text, cell.value, d))
         mark = PARTIAL if row.partial else ""
-        cols.append(MISSING if row.mean is None else bold_if(f"{row.mean:.1f}{mark}", row.mean, "mean"))
+        digits = 1 if sec.metric not in FRACTION_METRICS else 3
+        cols.append(MISSING if row.mean is None else bold_if(f"{row.mean:.{digits}f}{mark}", row.mean, "mean"))
         cols.append(MISSING if row.avg_rank is None else bold_if(f"{row.avg_rank:.2f}{mark}", row.avg_rank, "avg_rank"))
         lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
     return "\n".join(lines) + "\n"
@@ -609,7 +621,9 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     specs = sorted({rec["dataset"] for rec in records})
     labels = dataset_labels(specs)
     columns = sorted(specs, key=lambda s: (labels[s], s))
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: tuple(str(x) for x in k))]
+    # The perturbation of a row sorts by its label, clean first (the features id is a hash).
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (tuple(str(x) for x in k[:6]), rows[k].perturbation,
+                                                            tuple(str(x) for x in k[6:])))]
     _rank_section(ordered, columns)
     return Section(task=task, metric=metric, datasets=columns, labels=labels, rows=ordered)
 
@@ -625,6 +639,8 @@ def _cell(task: str, metric: str, by_seed: dict[int, dict]) -> Cell:
     std = None
     if len(values) > 1:
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    elif first.get(f"{metric}_std"):  # one seed of a random perturbation: the spread over its trials
+        std = float(first[f"{metric}_std"])
     return Cell(value=mean, ci95=float(first["ci95"]) if with_ci else None,
                 episodes=int(episodes) if episodes is not None else None,
                 splits=by_seed[seeds[0]].get("splits"), std=std, seeds=seeds, values=values)
@@ -634,6 +650,10 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
     notes = []
     for sec in sections:
         notes.append(f"{sec.task} cells: {sec.metric} = {METRIC_NOTES.get(sec.metric, 'as recorded in the results')}.")
+        if sec.task == "robust":
+            notes.append("robust cells: a probe fitted on the clean train (and val) features, scored on the clean test "
+                         "features and on each perturbed test cache of the same images (vt robust accuracy); random "
+                         "perturbations with several trials show mean ± std over the trials.")
     notes.append(
         f"{MISSING} = no result. Mean and Avg rank use only the datasets a row has; a rank is taken within "
         "a dataset column among the rows that have it (1 = best, ties share the average rank). Bold = best in column."

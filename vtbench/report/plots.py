@@ -214,3 +214,161 @@ def plot_bars(
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
     _save(fig, out)
     return fig
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+def _robust_records(table: ResultsTable, task: str, dataset: str, models, what: str) -> tuple[list[dict], str]:
+    candidates = [r for r in table if r["task"] == task]
+    if not candidates:
+        raise VTError(f"no {task} results; make them with 'vt robust {what}'")
+    spec = _pick_dataset(candidates, dataset)
+    records = [r for r in candidates if r["dataset"] == spec and (not models or r["model"] in models)]
+    if not records:
+        raise VTError(f"no {task} results for models {', '.join(models)} on {spec}")
+    return records, spec
+
+
+def _title(spec: str, text: str) -> str:
+    name = dataset_labels([spec])[spec]
+    return f"{name}{'' if name == spec else f' ({spec})'}: {text}"
+
+
+def plot_robustness(table: ResultsTable, dataset: str, out, models: list[str] | None = None, metric: str = "top1"):
+    """Accuracy under perturbation (``vt robust accuracy``): against the drop ratio (random PatchDrop) or the
+    attention mass (salient, non-salient), one line per model, token spec, protocol and mode (the shape of
+    IPViT's Fig. 3), and against the shuffle grid size. The clean accuracy is each line's point at 0."""
+    records, spec = _robust_records(table, "robust", dataset, models, "accuracy")
+    drop: dict[tuple, dict[float, tuple[float, float]]] = {}
+    shuffle: dict[tuple, dict[int, float]] = {}
+    clean = {}
+    for r in records:
+        key = (r["model"], r["weights"]["sha256"][:12], r["tokens"], r["protocol"])
+        value, spread = float(r["metrics"][metric]), float(r["metrics"].get(f"{metric}_std", 0.0))
+        p = r.get("perturbation")
+        if not p:
+            clean[key] = value
+        elif p["kind"] == "patchdrop":
+            amount = p["ratio"] if p["mode"] == "random" else p["mass"]
+            drop.setdefault(key + (p["mode"],), {})[amount] = (value, spread)
+        elif p["kind"] == "shuffle":
+            shuffle.setdefault(key, {})[p["grid"]] = value
+    if not drop and not shuffle:
+        raise VTError(f"no PatchDrop or shuffle results on {spec}; extract with --perturb patchdrop:random:R or "
+                      "shuffle:G, then run 'vt robust accuracy'")
+    panels = [p for p, series in (("drop", drop), ("shuffle", shuffle)) if series]
+    fig = _new_figure(6.5 * len(panels), 5)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = {k[0] for k in clean} | {k[0] for k in drop} | {k[0] for k in shuffle}
+    def line_label(key):
+        return " · ".join(([key[0]] if len(names) > 1 else []) + [key[2], key[3]] + list(key[4:]))
+
+    for ax, panel in zip(axes, panels):
+        series = drop if panel == "drop" else shuffle
+        for i, key in enumerate(sorted(series)):
+            points = dict(series[key])
+            if key[:4] in clean:
+                points.setdefault(0 if panel == "drop" else 1, (clean[key[:4]], 0.0) if panel == "drop" else clean[key[:4]])
+            xs = sorted(points)
+            ys = [points[x][0] if panel == "drop" else points[x] for x in xs]
+            style = {"random": "-", "salient": "--", "nonsalient": ":"}.get(key[4] if panel == "drop" else "", "-")
+            ax.plot(xs, ys, style, marker="o", markersize=4, color=f"C{i % 10}", label=line_label(key))
+            if panel == "drop":
+                errs = [points[x][1] for x in xs]
+                if any(errs):
+                    ax.errorbar(xs, ys, yerr=errs, fmt="none", color=f"C{i % 10}", capsize=3)
+        ax.set_xlabel("fraction dropped (random: of the cells; salient / non-salient: of the attention mass)"
+                      if panel == "drop" else "shuffle grid (G x G pieces; 1 = clean)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        ax.set_title(_title(spec, "PatchDrop" if panel == "drop" else "patch shuffle"), fontsize=10)
+    _save(fig, out)
+    return fig
+
+
+def plot_lesions(table: ResultsTable, dataset: str, out, models: list[str] | None = None, metric: str = "top1"):
+    """The lesion study: the accuracy drop of a clean-trained probe when one block, its attention or its MLP
+    branch is removed, against the block's depth (one line per model, token spec, protocol and part)."""
+    records, spec = _robust_records(table, "robust", dataset, models, "accuracy --kinds lesion")
+    clean, drops = {}, {}
+    for r in records:
+        key = (r["model"], r["tokens"], r["protocol"])
+        p = r.get("perturbation")
+        if not p:
+            clean[key] = float(r["metrics"][metric])
+        elif p["kind"] == "lesion" and "stage" not in p:
+            drops.setdefault(key + (p["part"],), {})[p["block"]] = float(r["metrics"][metric])
+    if not drops:
+        raise VTError(f"no ViT lesion results on {spec}; extract with --perturb lesion:attn:I (mlp, block) and run "
+                      "'vt robust accuracy --kinds lesion'")
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    for i, key in enumerate(sorted(drops)):
+        base = clean.get(key[:3])
+        if base is None:
+            continue
+        xs = sorted(drops[key])
+        style = {"attn": "-", "mlp": "--", "block": ":"}[key[3]]
+        ax.plot(xs, [base - drops[key][x] for x in xs], style, marker="o", markersize=4, color=f"C{i % 10}",
+                label=" · ".join(key))
+    ax.set_xlabel("block removed (depth)")
+    ax.set_ylabel(f"{metric} drop from clean (points)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title(_title(spec, "lesions (attention against MLP against whole block)"), fontsize=10)
+    _save(fig, out)
+    return fig
+
+
+def plot_stability(table: ResultsTable, dataset: str, out, models: list[str] | None = None, measure: str = "pearson"):
+    """Feature stability (``vt robust stability``): per block, the mean correlation of clean and perturbed
+    features, one line per perturbation (and model and token kind)."""
+    from vtbench.perturb.spec import label
+
+    records, spec = _robust_records(table, "stability", dataset, models, "stability")
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    names = {r["model"] for r in records}
+    for i, r in enumerate(sorted(records, key=lambda r: (r["model"], r["tokens"], label(r.get("perturbation"))))):
+        values = r["per_block"][measure]
+        text = " · ".join(([r["model"]] if len(names) > 1 else []) + [r["tokens"], label(r.get("perturbation"))])
+        ax.plot(range(len(values)), values, LINE_STYLES.get(r["tokens"], "-"), marker="o", markersize=3,
+                color=f"C{i % 10}", label=text)
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"mean {measure} (clean vs perturbed)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title(_title(spec, "feature stability per block"), fontsize=10)
+    _save(fig, out)
+    return fig
+
+
+def plot_cka(table: ResultsTable, dataset: str, out, model: str | None = None, tokens: str | None = None,
+             estimator: str = "biased"):
+    """The block x block linear CKA heatmap of ``vt robust cka`` (Bhojanapalli et al.'s layer correlation)."""
+    import numpy as np
+
+    records, spec = _robust_records(table, "cka", dataset, [model] if model else None, "cka")
+    if tokens:
+        records = [r for r in records if r["tokens"] == tokens]
+    if not records:
+        raise VTError(f"no CKA results for {tokens} on {spec}")
+    fig = _new_figure(5.2 * len(records), 4.8)
+    axes = fig.subplots(1, len(records), squeeze=False)[0]
+    for ax, r in zip(axes, records):
+        matrix = np.asarray(r["cka"][estimator])
+        rows = r["cka"]["rows"]
+        shown = matrix[:rows, rows:] if r.get("other") else matrix
+        image = ax.imshow(shown, vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_ylabel(f"{r['model']} {r['tokens']} block")
+        ax.set_xlabel(f"{r['other']['model']} {r['other']['tokens']}" if r.get("other") else f"{r['tokens']} block")
+        ax.set_title(f"{r['model']} · {r['tokens']}" + (f" vs {r['other']['model']}" if r.get("other") else ""),
+                     fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=f"linear CKA ({estimator})")
+    fig.suptitle(_title(spec, "layer similarity"), fontsize=10)
+    _save(fig, out)
+    return fig

@@ -282,8 +282,17 @@ def logistic(task: Task, backend: str) -> list[dict]:
     return out
 
 
-def _logistic_spec(task: Task, spec: TokenSpec, backend: str) -> dict:
-    """Choose l2 on val from L2_GRID, refit on train+val, evaluate on test: one spec."""
+@dataclass
+class Fitted:
+    """A probe fitted on one token spec: ``predict`` scores any features of that spec ((n, d) -> (n, C) scores,
+    so clean and perturbed test sets alike); ``outcome`` says how it was fitted (selection, solver, timings)."""
+
+    predict: Callable[[np.ndarray], torch.Tensor]
+    outcome: dict
+
+
+def fit_logistic(task: Task, spec: TokenSpec, backend: str) -> Fitted:
+    """Choose l2 on val from L2_GRID and refit on train+val: one spec."""
     dev, C = task.device, task.num_classes
     t0 = time.perf_counter()
     X_tr = _stack([task.train.features(spec)], dev)
@@ -306,31 +315,40 @@ def _logistic_spec(task: Task, spec: TokenSpec, backend: str) -> dict:
     y_all = _labels(both, dev)
     scale_all = _Standardizer.of(X_all, task.standardize)
     X_all = scale_all(X_all)
-    X_te = scale_all(_stack([task.test.features(spec)], dev))
     chosen = torch.tensor([[L2_GRID[g]]], device=dev)
     refit_mask = torch.bincount(y_all, minlength=C) > 0
     # The refit starts from the chosen grid solution (train+val is mostly train: it lies close to the optimum).
     W0, b0 = scale_all.carry(fit.W[:, g].to(dev), fit.b[:, g].to(dev), scale)
     refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask, REFIT_TOL, init=(W0[:, None], b0[:, None]))
-    logits = refit.predict_logits(X_te)[0, 0]
     t_refit = time.perf_counter() - t0
 
-    y_te = _labels(task.test, "cpu")
+    def predict(features: np.ndarray) -> torch.Tensor:
+        return refit.predict_logits(scale_all(_stack([features], dev)))[0, 0]
+
     solver = _solver_description(backend, dev)
     # grad_norm: each solution's convergence measure (vtbench's criterion, for both backends).
     solver["selection"] = {"iterations": fit.iterations[0].tolist(), "converged": fit.converged[0].tolist(),
                            "grad_norm": [float(v) for v in fit.grad_norm[0]]}
     solver["refit"] = {"iterations": int(refit.iterations[0, 0]), "converged": bool(refit.converged[0, 0]),
                        "grad_norm": float(refit.grad_norm[0, 0]), "loss": float(refit.loss[0, 0])}
-    return {
-        "metrics": dict(classification_metrics(logits.cpu(), y_te), val_top1=float(val_top1[g])),
+    return Fitted(predict, {
+        "metrics": {"val_top1": float(val_top1[g])},
         "selection": {"parameter": "l2", "grid": list(L2_GRID), "val_top1": val_top1.tolist(),
                       "chosen": L2_GRID[g], "sklearn_C_refit": 1.0 / (L2_GRID[g] * len(y_all)),
                       "rule": SELECTION_RULE},
         "solver": solver,
         "standardize": task.standardize,
         "timings": {"select_s": t_select, "refit_s": t_refit, "shared_by_specs": 1},
-    }
+    })
+
+
+def _logistic_spec(task: Task, spec: TokenSpec, backend: str) -> dict:
+    """Choose l2 on val from L2_GRID, refit on train+val, evaluate on test: one spec."""
+    fitted = fit_logistic(task, spec, backend)
+    logits = fitted.predict(task.test.features(spec))
+    outcome = fitted.outcome
+    outcome["metrics"] = dict(classification_metrics(logits.cpu(), _labels(task.test, "cpu")), **outcome["metrics"])
+    return outcome
 
 
 # How the l2 is picked from the validation accuracies, for both backends (and in words for records).
@@ -418,33 +436,48 @@ def ipvit(task: Task) -> list[dict]:
     return out
 
 
+def fit_knn(task: Task, spec: TokenSpec) -> Fitted:
+    """k-NN: k chosen on val with train as the bank; the fitted probe scores with train+val as the bank."""
+    dev, C = task.device, task.num_classes
+    t0 = time.perf_counter()
+    ks = knn_lib.capped_ks(len(task.train))
+    val_scores = knn_lib.knn_scores(task.train.features(spec), task.train.labels, task.val.features(spec), ks, C, dev)
+    y_va = _labels(task.val, "cpu")
+    val_top1 = {k: float(accuracy(s, y_va)) for k, s in val_scores.items()}
+    chosen = max(ks, key=lambda k: (val_top1[k], -k))  # ties -> the smaller k
+    both = task.refit_split()
+    bank, bank_labels = both.features(spec), both.labels
+
+    def predict(features: np.ndarray) -> torch.Tensor:
+        return knn_lib.knn_scores(bank, bank_labels, features, [chosen], C, dev)[chosen]
+
+    return Fitted(predict, {
+        "selection": {"parameter": "k", "grid": ks, "val_top1": [val_top1[k] for k in ks], "chosen": chosen,
+                      "rule": "max val top-1; ties -> smallest k"},
+        "solver": {"name": "knn", "backend": knn_lib.backend_name(dev), "temperature": knn_lib.TEMPERATURE,
+                   "similarity": "cosine (L2-normalised features)", "votes": "sum of exp(sim / T)"},
+        "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1},
+    })
+
+
 def knn(task: Task) -> list[dict]:
-    """k-NN: k chosen on val with train as the bank; test with train+val as the bank."""
+    """k-NN: k chosen on val with train as the bank; test with train+val as the bank (every k of the grid
+    reported beside the chosen one)."""
     dev, C = task.device, task.num_classes
     both = task.refit_split()
-    backend = knn_lib.backend_name(dev)
     out = []
     for spec in task.specs:
         t0 = time.perf_counter()
-        ks = knn_lib.capped_ks(len(task.train))
-        val_scores = knn_lib.knn_scores(task.train.features(spec), task.train.labels, task.val.features(spec), ks, C, dev)
-        y_va = _labels(task.val, "cpu")
-        val_top1 = {k: float(accuracy(s, y_va)) for k, s in val_scores.items()}
-        chosen = max(ks, key=lambda k: (val_top1[k], -k))  # ties -> the smaller k
+        fitted = fit_knn(task, spec)
+        chosen = fitted.outcome["selection"]["chosen"]
         test_ks = sorted(set(knn_lib.capped_ks(len(both))) | {chosen})
         test_scores = knn_lib.knn_scores(both.features(spec), both.labels, task.test.features(spec), test_ks, C, dev)
         y_te = _labels(task.test, "cpu")
         metrics = classification_metrics(test_scores[chosen], y_te)
         metrics["k"] = chosen
         metrics.update({f"top1_k{k}": float(accuracy(s, y_te)) for k, s in test_scores.items()})
-        out.append({
-            "metrics": metrics,
-            "selection": {"parameter": "k", "grid": ks, "val_top1": [val_top1[k] for k in ks], "chosen": chosen,
-                          "rule": "max val top-1; ties -> smallest k"},
-            "solver": {"name": "knn", "backend": backend, "temperature": knn_lib.TEMPERATURE,
-                       "similarity": "cosine (L2-normalised features)", "votes": "sum of exp(sim / T)"},
-            "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1},
-        })
+        fitted.outcome["timings"]["fit_s"] = time.perf_counter() - t0
+        out.append({"metrics": metrics, **fitted.outcome})
     return out
 
 
