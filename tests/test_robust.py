@@ -1,0 +1,107 @@
+"""vt robust: accuracy under perturbation, feature stability and CKA, checked against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_imagefolder
+from vtbench.cache import write_cache
+from vtbench.errors import VTError
+from vtbench.extract import extract
+from vtbench.report.leaderboard import build_leaderboard
+from vtbench.results import load
+from vtbench.robust import linear_cka, run_accuracy, run_cka, run_stability
+from vtbench.robust.cka import CKAAccumulator
+from vtbench.transfer import run_probe
+
+VIT = "vit_small_patch16_224"
+VIT_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def test_cka_reproduces_kornbliths_reference_values():
+    np.random.seed(1337)
+    X = np.random.randn(100, 10)
+    Y = X + np.random.randn(100, 10)
+    for chunk in (None, 7, 64):  # streamed in any chunking, the same numbers
+        assert round(linear_cka(X, Y, chunk=chunk), 5) == 0.55761
+        assert round(linear_cka(X, Y, debiased=True, chunk=chunk), 5) == 0.51346
+    assert linear_cka(X, 3 * X + 1) == pytest.approx(1.0)  # invariant to scale and offset
+
+
+def test_cka_matrix_from_a_cache_matches_the_in_memory_estimator(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 12))
+    blocks = [base @ rng.standard_normal((12, 12)) * (b + 1) + rng.standard_normal((300, 12)) * b for b in range(4)]
+    meta = {"format_version": 1, "model": "toy", "model_kwargs": {}, "weights_sha256": "ab" * 32, "weights_source": "x",
+            "transform": {"mode": "model"}, "norm": True, "dtype": "float32", "dataset": "dtd:1", "split": "test",
+            "data_fingerprint": "f", "token_kinds": ["cls"], "precision": "fp32", "timm_version": "t", "torch_version": "t"}
+    write_cache(tmp_path / "c", meta, {("cls", b): x.astype(np.float32) for b, x in enumerate(blocks)},
+                np.arange(300) % 3, [str(i) for i in range(300)], ["a", "b", "c"])
+    (rec,) = run_cka("toy", "dtd", cache_dir=tmp_path / "c", results_dir=tmp_path / "r")
+    stored = [b.astype(np.float32).astype(np.float64) for b in blocks]
+    for p in range(4):
+        for q in range(4):
+            assert rec["cka"]["biased"][p][q] == pytest.approx(linear_cka(stored[p], stored[q]), abs=1e-9)
+            assert rec["cka"]["debiased"][p][q] == pytest.approx(linear_cka(stored[p], stored[q], True), abs=1e-9)
+    acc = CKAAccumulator([12, 12])
+    acc.add([stored[0][:150], stored[1][:150]])
+    acc.add([stored[0][150:], stored[1][150:]])
+    assert acc.cka(0, 1) == pytest.approx(rec["cka"]["biased"][0][1], abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    folder = f"imagefolder:{make_imagefolder(root / 'imgs', classes=3, per_class=8, size=(32, 32))}"
+    extract(VIT, folder, ["train", "test"], weights="random", model_kwargs=VIT_KW, progress=False, batch_size=8,
+            workers=0, cache_dir=root / "c",
+            perturb=["patchdrop:random:0.25:trials=2", "patchdrop:random:0.75", "shuffle:2", "lesion:attn:1"])
+    return root, folder
+
+
+def test_accuracy_fits_once_on_clean_and_scores_every_perturbed_test_set(perturbed, tmp_path):
+    root, folder = perturbed
+    kw = dict(cache_dir=root / "c", results_dir=tmp_path / "r")
+    records = run_accuracy(VIT, folder, "cls[-1]", ["default", "knn"], **kw)
+    by = {(r["protocol"], (r.get("perturbation") or {}).get("kind", "clean"),
+           (r.get("perturbation") or {}).get("ratio")): r for r in records}
+    assert len(records) == 2 * 5
+    for proto in ("default", "knn"):
+        (probe,) = run_probe(VIT, folder, "cls[-1]", proto, results_dir=tmp_path / "p", cache_dir=root / "c")
+        clean = by[(proto, "clean", None)]
+        assert clean["metrics"]["top1"] == pytest.approx(probe["metrics"]["top1"])  # the probe's own number
+        assert clean["metrics"]["relative"] == 1.0
+        two = by[(proto, "patchdrop", 0.25)]["metrics"]
+        assert len(two["top1_trials"]) == 2 and two["top1"] == pytest.approx(np.mean(two["top1_trials"]))
+        assert two["relative"] == pytest.approx(two["top1"] / clean["metrics"]["top1"])
+        # scoring the perturbed test cache with vt probe --perturb trains on perturbed train features: another number
+        assert by[(proto, "patchdrop", 0.75)]["caches"]["train"][0]["key"] == clean["caches"]["train"][0]["key"]
+    lesion = run_accuracy(VIT, folder, "cls[-1]", "ncc", kinds=["lesion"], **kw)
+    assert [(r.get("perturbation") or {}).get("kind", "clean") for r in lesion] == ["clean", "lesion"]
+    board = build_leaderboard(load(tmp_path / "r"))
+    (section,) = [s for s in board.sections if s.task == "robust"]
+    assert section.show_perturbation and len(section.rows) == 2 * 5 + 2
+    with pytest.raises(VTError, match="vt extract .* --perturb tokendrop"):
+        run_accuracy(VIT, folder, "cls[-1]", perturb=["tokendrop:0.5:block=1"], **kw)
+
+
+def test_scoring_the_clean_test_set_as_a_perturbation_gives_the_clean_number(perturbed, tmp_path):
+    """The perturbed path uses the very probe fitted on clean features: a shuffle of one piece is the clean image."""
+    root, folder = perturbed
+    extract(VIT, folder, ["test"], weights="random", model_kwargs=VIT_KW, progress=False, batch_size=8, workers=0,
+            cache_dir=root / "c", perturb=["shuffle:1"])
+    records = run_accuracy(VIT, folder, "cls[-1]", "default", perturb=["shuffle:1"], cache_dir=root / "c",
+                           results_dir=tmp_path / "r")
+    clean, same = records
+    assert same["perturbation"]["grid"] == 1 and same["metrics"]["top1"] == clean["metrics"]["top1"]
+
+
+def test_stability_is_one_for_an_identity_perturbation_and_lower_for_drops(perturbed, tmp_path):
+    root, folder = perturbed
+    records = run_stability(VIT, folder, perturb=["shuffle:1", "patchdrop:random:0.75"], cache_dir=root / "c",
+                            results_dir=tmp_path / "r")
+    by = {(r["perturbation"]["kind"], r["tokens"]): r for r in records}
+    assert by[("shuffle", "cls")]["per_block"]["pearson"] == pytest.approx([1.0] * 3)
+    dropped = by[("patchdrop", "patch")]["per_block"]["pearson"]
+    assert len(dropped) == 3 and all(v < 0.999 for v in dropped)
