@@ -105,3 +105,44 @@ def test_stability_is_one_for_an_identity_perturbation_and_lower_for_drops(pertu
     assert by[("shuffle", "cls")]["per_block"]["pearson"] == pytest.approx([1.0] * 3)
     dropped = by[("patchdrop", "patch")]["per_block"]["pearson"]
     assert len(dropped) == 3 and all(v < 0.999 for v in dropped)
+
+
+def test_imagenet_class_mapping_follows_timms_order(tmp_path):
+    from vtbench.data import get_dataset
+    from vtbench.data.imagenet import imagenet_class_index, imagenet_synsets
+
+    synsets = imagenet_synsets()
+    assert len(synsets) == 1000 and synsets[:2] == ["n01440764", "n01443537"] and synsets == sorted(synsets)
+    root = tmp_path / "ds" / "val"
+    make_imagefolder(tmp_path / "src", classes=1, per_class=1, splits=("x",))
+    for synset in ("n02690373", "n01440764"):  # airliner (404), tench (0)
+        (root / synset).mkdir(parents=True)
+        (root / synset / "a.png").write_bytes((tmp_path / "src" / "x" / "class0" / "img000.png").read_bytes())
+    ds = get_dataset(f"imagefolder:{tmp_path / 'ds'}", "val")
+    assert list(imagenet_class_index(ds.class_names)) == [synsets.index(n) for n in ds.class_names] == [0, 404]
+    with pytest.raises(VTError, match="not ImageNet-1k synset ids"):
+        imagenet_class_index(["n01440764", "tench"])
+
+
+CALTECH_SYNSETS = {"accordion": "n02672831", "airplanes": "n02690373", "Leopards": "n02128385", "barrel": "n02795169",
+                   "binocular": "n02841315", "cannon": "n02950826", "cellphone": "n02992529", "ant": "n02219486"}
+
+
+def test_lite0s_own_head_on_shared_images_with_imagenet_classes(tmp_path, lite0_weights, shared_data):
+    """The head path on real weights: shared Caltech-101 images of classes ImageNet also has, in synset folders."""
+    root = tmp_path / "imagenet-like"
+    for caltech, synset in CALTECH_SYNSETS.items():
+        (root / "test" / synset).mkdir(parents=True)
+        for path in sorted((shared_data / "caltech101" / "test" / caltech).glob("*.jpg"))[:6]:
+            (root / "test" / synset / path.name).symlink_to(path)
+    spec = f"imagefolder:{root}"
+    extract("tf_efficientnet_lite0", spec, ["test"], weights=str(lite0_weights), logits=True, kinds=["prelogits"],
+            perturb=["patchdrop:random:0.75"], progress=False, cache_dir=tmp_path / "c")
+    kw = dict(cache_dir=tmp_path / "c", results_dir=tmp_path / "r")
+    (head,) = run_probe("tf_efficientnet_lite0", spec, "logits", "head", **kw)
+    assert head["n"]["test"] == 48 and head["metrics"]["top5"] > 50  # chance: 0.5%
+    clean, dropped = run_accuracy("tf_efficientnet_lite0", spec, "logits", "head", **kw)
+    assert clean["metrics"]["top1"] == head["metrics"]["top1"]
+    assert dropped["metrics"]["top1"] < clean["metrics"]["top1"]
+    with pytest.raises(VTError, match="--tokens logits"):
+        run_probe("tf_efficientnet_lite0", spec, "prelogits", "head", **kw)

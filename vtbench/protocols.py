@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+import numpy as np
+
 from vtbench.errors import VTError
 
 _REGISTRY: dict[str, type] = {}
@@ -252,6 +254,50 @@ class NearestCentroidProbe(ProbeProtocol):
 
     def table_note(self, record: dict) -> str:
         return "no selection"
+
+
+@register_protocol
+class ModelHead(ProbeProtocol):
+    """The model's own ImageNet-1k classifier on the ``logits`` token kind (``vt extract --logits``): nothing
+    is trained; a test image is right when the head's top class is its synset."""
+
+    name = "head"
+    needs_val = False
+    note = ("the model's own ImageNet-1k classifier head (no training): top-1 over its 1000 classes, the dataset's "
+            "classes being ImageNet synsets (the IPViT paper's protocol on ImageNet val)")
+    summary = ("the model's own ImageNet head on --tokens logits (vt extract --logits), for datasets whose classes "
+               "are ImageNet synsets; nothing is trained")
+
+    def train_splits(self, info) -> list[str]:
+        return [info.test_split]  # nothing is trained: only the test split is read
+
+    def fit(self, task, spec):
+        import torch
+
+        from vtbench.data.imagenet import imagenet_class_index
+        from vtbench.transfer.probe import Fitted
+
+        if str(spec) != "logits":
+            raise VTError(f"the head protocol scores the model's logits: --tokens logits (not {spec}), from caches "
+                          "made with vt extract --logits")
+        index = imagenet_class_index(task.test.caches[0].class_names)
+        return Fitted(lambda features: torch.from_numpy(np.asarray(features, dtype=np.float32)),
+                      {"selection": {"note": "no selection: the model's own head"},
+                       "solver": {"name": "head", "classes": "timm's ImageNet-1k order (timm.data.ImageNetInfo)"},
+                       "timings": {"fit_s": 0.0, "shared_by_specs": 1}}, label_map=index)
+
+    def run(self, task) -> list[dict]:
+        from vtbench.transfer.metrics import classification_metrics
+
+        out = []
+        for spec in task.specs:
+            fitted = self.fit(task, spec)
+            scores = fitted.predict(task.test.features(spec))
+            out.append({"metrics": classification_metrics(scores, fitted.labels(task.test.labels)), **fitted.outcome})
+        return out
+
+    def table_note(self, record: dict) -> str:
+        return "own head"
 
 
 # ------------------------------------------------------------------------------------------ analyses

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from vtbench.errors import VTError
 
-KINDS = ("cls", "patch", "stage", "prelogits")
+KINDS = ("cls", "patch", "stage", "prelogits", "logits")
+SINGLE = ("prelogits", "logits")  # kinds with one "block": the head's input and output
 
 _TERM = re.compile(r"^(?P<kind>[a-z_]+)(?:\[(?P<index>[^\]]*)\])?$")
 _INT = r"-?\d+"
@@ -44,8 +45,8 @@ class Term:
     single: bool = False
 
     def __str__(self) -> str:
-        if self.kind == "prelogits":
-            return "prelogits"
+        if self.kind in SINGLE:
+            return self.kind
         if self.single:
             return f"{self.kind}[{self.start}]"
         if self.start is None and self.stop is None:
@@ -129,13 +130,13 @@ def parse_spec(text: str | TokenSpec) -> TokenSpec:
         if not m or m.group("kind") not in KINDS:
             raise VTError(
                 f"unknown token spec term '{term_text}' in '{text}'; "
-                f"use cls[...], patch[...], stage[...] or prelogits (see 'vt probe --help')"
+                f"use cls[...], patch[...], stage[...], prelogits or logits (see 'vt probe --help')"
             )
         kind, index = m.group("kind"), m.group("index")
-        if kind == "prelogits":
+        if kind in SINGLE:
             if index not in (None, "0", "-1", "all"):
-                raise VTError(f"'prelogits' has a single block; got '{term_text}'")
-            terms.append(Term("prelogits", 0, None, single=True))
+                raise VTError(f"'{kind}' has a single block; got '{term_text}'")
+            terms.append(Term(kind, 0, None, single=True))
         elif index is None:
             raise VTError(f"token spec term '{term_text}' needs a block index, e.g. {kind}[-1]")
         else:

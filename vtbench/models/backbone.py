@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 
 from vtbench.errors import VTError
 from vtbench.models import weights as weight_sources
+
+HEAD_KINDS = {"prelogits", "logits"}  # outputs of the head on the final features (one "block" each)
 
 
 @dataclass
@@ -43,6 +45,14 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def with_logits(self) -> "Backbone":
+        """The same backbone with its classifier head's output as one more token kind, ``logits`` (VTError for a
+        model without a head)."""
+        classes = int(getattr(self.model, "num_classes", 0) or 0)
+        if classes <= 0:
+            raise VTError(f"{self.name} has no classifier head (num_classes 0), so it has no logits")
+        return replace(self, layout={**self.layout, "logits": [classes]})
+
     def features(
         self, x: torch.Tensor, norm: bool = True, kinds: Iterable[str] | None = None
     ) -> dict[tuple[str, int], torch.Tensor]:
@@ -54,9 +64,10 @@ class Backbone:
         """
         wanted = self._check_kinds(kinds)
         with torch.inference_mode():
-            if wanted == {"prelogits"}:
-                pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-                return {("prelogits", 0): pooled.float()}
+            if wanted <= HEAD_KINDS:  # the plain forward: no per-block outputs
+                final = self.model.forward_features(x)
+                return {(kind, 0): self.model.forward_head(final, pre_logits=kind == "prelogits").float()
+                        for kind in sorted(wanted)}
             if self.arch == "vit":
                 out = self._token_features(x, norm, wanted)
             else:
@@ -83,7 +94,7 @@ class Backbone:
 
     def _token_features(self, x, norm: bool, wanted: set[str]) -> dict:
         model = self.model
-        need_final = "prelogits" in wanted
+        need_final = bool(wanted & HEAD_KINDS)
         result = model.forward_intermediates(
             x, return_prefix_tokens=True, output_fmt="NLC", norm=norm, intermediates_only=not need_final
         )
@@ -101,13 +112,12 @@ class Backbone:
                 pooled["patch"] = patch_tokens.mean(dim=1)
             for kind, vector in pooled.items():
                 out[(kind, block)] = (pooled_norm(vector) if pooled_norm is not None else vector).float()
-        if need_final:
-            out[("prelogits", 0)] = model.forward_head(final, pre_logits=True).float()
+        out.update(_head_outputs(model, final, wanted))
         return out
 
     def _stage_features(self, x, norm: bool, wanted: set[str]) -> dict:
         model = self.model
-        need_final = "prelogits" in wanted
+        need_final = bool(wanted & HEAD_KINDS)
         options = {"intermediates_only": not need_final}
         if "norm" in inspect.signature(model.forward_intermediates).parameters:
             options["norm"] = norm
@@ -118,9 +128,14 @@ class Backbone:
         if "stage" in wanted:
             for stage, fmap in enumerate(per_stage):
                 out[("stage", stage)] = fmap.mean(dim=(2, 3)).float()
-        if need_final:
-            out[("prelogits", 0)] = model.forward_head(final, pre_logits=True).float()
+        out.update(_head_outputs(model, final, wanted))
         return out
+
+
+def _head_outputs(model, final, wanted: set[str]) -> dict:
+    """``prelogits`` and ``logits`` (the classifier head's output) of the final features, where wanted."""
+    return {(kind, 0): model.forward_head(final, pre_logits=kind == "prelogits").float()
+            for kind in sorted(wanted & HEAD_KINDS)}
 
 
 def _fc_norm(model: torch.nn.Module) -> torch.nn.Module | None:

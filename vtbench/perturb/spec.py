@@ -176,6 +176,14 @@ def agrees(query: dict, stored: dict | None) -> bool:
     return True
 
 
+def sort_key(p: dict | None) -> tuple:
+    """Clean first, then by kind, mode and amount in numeric order (5% before 10%)."""
+    if not p:
+        return ()
+    amount = [p.get(k) for k in ("ratio", "mass", "grid", "stage", "block", "before_block", "trial") if k in p]
+    return (p["kind"], str(p.get("mode", p.get("part", ""))), *[float(a) for a in amount])
+
+
 def label(p: dict | None) -> str:
     """A perturbation in a few words: 'patchdrop random 50%', 'shuffle 4x4', 'lesion attn block -1'."""
     if not p:

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from vtbench.errors import VTError
 from vtbench.options import Opt
 from vtbench.perturb.spec import label as perturbation_label
+from vtbench.perturb.spec import sort_key
 from vtbench.protocols import protocol_note, variant_part_note
 from vtbench.results import ResultsTable, convergence_note, data_id, data_label, load
 from vtbench.settings import SELECT_OPTIONS, FeatureSettings, SettingsQuery
@@ -600,6 +601,7 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     """One row per result identity less the seed: a cell with several seeds shows their mean (± std)."""
     rows: dict[tuple, Row] = {}
     per_cell: dict[tuple, dict[int, dict]] = {}
+    perturbations: dict[tuple, dict | None] = {}
     for rec in records:
         weights = rec.get("weights", {})
         features = FeatureSettings.of(rec).id
@@ -614,6 +616,7 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
                             perturbation=_perturbation(rec),
                             data=data, data_label=data_label(rec))
         per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
+        perturbations[key] = FeatureSettings.of(rec).perturbation
     for (key, dataset), by_seed in per_cell.items():
         rows[key].cells[dataset] = _cell(task, metric, by_seed)
     for row in rows.values():
@@ -622,7 +625,7 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     labels = dataset_labels(specs)
     columns = sorted(specs, key=lambda s: (labels[s], s))
     # The perturbation of a row sorts by its label, clean first (the features id is a hash).
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (tuple(str(x) for x in k[:6]), rows[k].perturbation,
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (tuple(str(x) for x in k[:6]), sort_key(perturbations[k]),
                                                             tuple(str(x) for x in k[6:])))]
     _rank_section(ordered, columns)
     return Section(task=task, metric=metric, datasets=columns, labels=labels, rows=ordered)

@@ -23,7 +23,7 @@ from vtbench import options
 from vtbench.cache import CacheSet, list_caches, open_cache
 from vtbench.errors import VTError
 from vtbench.options import Opt
-from vtbench.perturb.spec import agrees, label, parse
+from vtbench.perturb.spec import agrees, label, parse, sort_key
 from vtbench.settings import SELECT_OPTIONS, FeatureSettings, SettingsQuery
 
 CHUNK_ROWS = 4096  # rows per streamed chunk (CKA, stability)
@@ -94,7 +94,7 @@ def perturbed_caches(clean, split: str, cache_dir=None, specs: Sequence[str] | N
         groups.setdefault(_group_key(p), []).append((path, meta))
     for members in groups.values():
         members.sort(key=lambda pm: pm[1]["perturbation"].get("trial", 0))
-    return dict(sorted(groups.items(), key=lambda item: label(json.loads(item[0]))))
+    return dict(sorted(groups.items(), key=lambda item: sort_key(json.loads(item[0]))))
 
 
 def _missing(clean, split, specs, kinds) -> VTError:
@@ -169,14 +169,14 @@ def run_accuracy(
                     fitted = proto.fit(task, spec)
                     t_fit = time.perf_counter() - t0
                     clean = classification_metrics(fitted.predict(test_split.features(spec)).cpu(),
-                                                   _torch_labels(test_split.labels))
+                                                   fitted.labels(test_split.labels))
                     say(f"{proto.name} {spec}: clean top-1 {clean['top1']:.2f}; scoring {len(opened)} perturbations")
                     records.append(_save(store, results_root, skip_existing, dict(
                         base, **FeatureSettings.of(test.meta).fields(), tokens=str(spec), metrics=_metrics([clean], clean),
                         fit=fitted.outcome, timings={"fit_s": t_fit})))
                     for key, members in opened.items():
                         t0 = time.perf_counter()
-                        per_trial = [classification_metrics(fitted.predict(c.features(spec)).cpu(), _torch_labels(c.labels))
+                        per_trial = [classification_metrics(fitted.predict(c.features(spec)).cpu(), fitted.labels(c.labels))
                                      for c in members]
                         group = dict(json.loads(key), trials=len(members))
                         refs = dict(base["caches"], test=[c.record_ref() for c in members])
@@ -191,12 +191,6 @@ def run_accuracy(
         return records
     finally:
         caches.close()
-
-
-def _torch_labels(labels):
-    import torch
-
-    return torch.from_numpy(np.asarray(labels)).long()
 
 
 def _metrics(per_trial: list[dict], clean: dict) -> dict:
@@ -266,7 +260,7 @@ def run_stability(
         for key, members in groups.items():
             opened = [open_cache(path) for path, _ in members]
             try:
-                for kind in [k for k in clean.kinds if k != "prelogits"]:
+                for kind in [k for k in clean.kinds if k not in ("prelogits", "logits")]:
                     pearson, cosine = _stability(clean, opened, kind)
                     group = dict(json.loads(key), trials=len(opened))
                     say(f"{label(group)} {kind}: Pearson by block " + " ".join(f"{v:.2f}" for v in pearson))
@@ -373,14 +367,14 @@ def run_cka(
         if other_model is not None:
             others = CacheSet(other_model, dataset, cache_dir=cache_dir, weights=other_weights, data_root=data_root)
             other = others.get(split)
-        wanted = list(kinds or [k for k in cache.kinds if k != "prelogits"])
+        wanted = list(kinds or [k for k in cache.kinds if k not in ("prelogits", "logits")])
         unknown = [k for k in wanted if k not in cache.kinds]
         if unknown:
             raise VTError(f"{model} caches have no '{unknown[0]}' features (they have: {', '.join(cache.kinds)})")
         records = []
         for kind in wanted:
             theirs = other_kind or (kind if other is not None and kind in other.kinds else
-                                    (next(k for k in other.kinds if k != "prelogits") if other is not None else None))
+                                    (next(k for k in other.kinds if k not in ("prelogits", "logits")) if other is not None else None))
             t0 = time.perf_counter()
             biased, debiased, split_at = stream_cka(cache, kind, other, theirs)
             say(f"CKA {model} {kind}" + (f" vs {other_model} {theirs}" if other else "")

@@ -289,6 +289,12 @@ class Fitted:
 
     predict: Callable[[np.ndarray], torch.Tensor]
     outcome: dict
+    label_map: np.ndarray | None = None  # the score column of each dataset class, where not the class index
+
+    def labels(self, labels: np.ndarray) -> torch.Tensor:
+        """A split's labels as columns of the scores."""
+        labels = np.asarray(labels)
+        return torch.from_numpy(labels if self.label_map is None else self.label_map[labels]).long()
 
 
 def fit_logistic(task: Task, spec: TokenSpec, backend: str) -> Fitted:
