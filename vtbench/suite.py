@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "extract": "options of `vt extract`",
     "probe": "options of `vt probe` (omit the section to skip probes), plus per_block_protocols",
     "fewshot": "options of `vt fewshot` (omit the section to skip few-shot)",
+    "robust": "perturbations of the test split and the analyses on them (vt robust; omit the section to skip)",
     "leaderboard": "options of `vt leaderboard`, plus plots: [per-block, bars]",
 }
 MODEL_KEYS = {
@@ -54,10 +55,11 @@ MODEL_KEYS = {
     "model_kwargs": "keyword arguments for timm.create_model, e.g. {img_size: 224}",
     "tokens": "token specs for this model (default: the probe/fewshot section's)",
     "input_size": "input size for this model (a ViT is built for it), instead of the extract section's",
+    "robust": "whether the robust section covers this model (default true)",
     "perturb": "perturbations of this model (a list of --perturb specs), instead of the extract section's; each "
                "gets its caches, probes and few-shot runs beside the clean ones",
 }
-PLOTS = ("per-block", "bars")
+PLOTS = ("per-block", "bars", "robust", "cka")
 # Suite-only keys of a section (not options of its command), with what they mean.
 SECTION_EXTRAS = {
     "probe": {"per_block_protocols": "the protocols that also get the per-block specs (default: every protocol); "
@@ -78,6 +80,7 @@ class ModelEntry:
     tokens: list[str] | None = None
     input_size: int | None = None
     perturb: list[str] | None = None
+    robust: bool = True
 
     @property
     def label(self) -> str:
@@ -111,6 +114,7 @@ class Suite:
     extract: dict = field(default_factory=dict)
     probe: dict | None = None
     fewshot: dict | None = None
+    robust: dict | None = None
     leaderboard: dict = field(default_factory=dict)
 
     def only(self, datasets: list[str]) -> "Suite":
@@ -193,10 +197,11 @@ def _section_options(section: str) -> dict:
     from vtbench.fewshot.run import FEWSHOT_OPTIONS
     from vtbench.options import by_name
     from vtbench.report.leaderboard import LEADERBOARD_OPTIONS
+    from vtbench.robust.run import SUITE_ROBUST_OPTIONS
     from vtbench.transfer.probe import PROBE_OPTIONS
 
     return by_name({"extract": EXTRACT_OPTIONS, "probe": PROBE_OPTIONS, "fewshot": FEWSHOT_OPTIONS,
-                    "leaderboard": LEADERBOARD_OPTIONS}[section])
+                    "robust": SUITE_ROBUST_OPTIONS, "leaderboard": LEADERBOARD_OPTIONS}[section])
 
 
 def key_reference() -> str:
@@ -215,7 +220,7 @@ def key_reference() -> str:
     lines += [f"| `{k}` | {cell(v)} |" for k, v in TOP_LEVEL_KEYS.items()]
     lines += ["", "## `models:` entries", "", "| key | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {cell(v)} |" for k, v in MODEL_KEYS.items()]
-    for section in ("extract", "probe", "fewshot", "leaderboard"):
+    for section in ("extract", "probe", "fewshot", "robust", "leaderboard"):
         params = {k: o for k, o in sorted(_section_options(section).items()) if o.suite}
         lines += ["", f"## `{section}:` (the options of `vt {section}`)", "", "| key | option | meaning |",
                   "|---|---|---|"]
@@ -319,7 +324,10 @@ def _model_entry(item, index: int, source: str) -> ModelEntry:
             parse_all(perturb)
         except VTError as exc:
             raise VTError(f"{where}.perturb: {exc}") from None
-    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens, size, perturb)
+    robust = item.get("robust", True)
+    if not isinstance(robust, bool):
+        raise VTError(f"{where}.robust: must be true or false, not {robust!r}")
+    return ModelEntry(str(item["model"]), weights, checked.get("seed", 0), dict(kwargs), tokens, size, perturb, robust)
 
 
 def load_suite(path: str | os.PathLike | None = None) -> Suite:
@@ -371,6 +379,7 @@ def load_suite(path: str | os.PathLike | None = None) -> Suite:
         extract=_section(raw, "extract", source),
         probe=_section(raw, "probe", source) if raw.get("probe") is not None else None,
         fewshot=_section(raw, "fewshot", source) if raw.get("fewshot") is not None else None,
+        robust=_section(raw, "robust", source) if raw.get("robust") is not None else None,
         leaderboard=_section(raw, "leaderboard", source),
     )
     for i, entry in enumerate(suite.models):
@@ -383,9 +392,24 @@ def load_suite(path: str | os.PathLike | None = None) -> Suite:
     return suite
 
 
+def _check_robust(suite: Suite, source: str) -> None:
+    from vtbench.perturb.spec import parse_all
+    from vtbench.transfer.probe import check_probe_options
+
+    if suite.robust is None:
+        return
+    try:
+        if not parse_all(suite.robust.get("perturb")):
+            raise VTError("perturb: name at least one perturbation, e.g. [patchdrop:random:0.25,0.5,0.75]")
+        check_probe_options(protocol=suite.robust.get("protocol") or ["default"])
+    except VTError as exc:
+        raise VTError(f"{source}: robust: {exc}") from None
+
+
 def _check_values(suite: Suite, source: str) -> None:
     """Run each section through the checks its command makes, so that a bad value stops the suite before it
     extracts anything rather than at its first probe."""
+    _check_robust(suite, source)
     from vtbench.extract.run import check_extract_options
     from vtbench.fewshot.run import check_fewshot_options
     from vtbench.transfer.probe import check_probe_options
@@ -502,6 +526,55 @@ def _evaluation_steps(suite: Suite, records: list[dict], entry: ModelEntry, data
     return steps
 
 
+def robust_specs(suite: Suite) -> list[str]:
+    """The robust section's perturbations, one query spec each."""
+    from vtbench.perturb.spec import parse_all, spec_of
+
+    return [spec_of(p) for p in parse_all(suite.robust.get("perturb"))] if suite.robust else []
+
+
+def _robust_tokens(suite: Suite, entry: ModelEntry) -> list[str]:
+    return suite.robust.get("tokens") or (entry.tokens or ["cls[-1]"])[:1]
+
+
+def _arch(entry: ModelEntry) -> str:
+    """vit or cnn, from the architecture alone (built on the meta device: no weights, no memory)."""
+    import torch
+
+    from vtbench.models.backbone import inspect_architecture, instantiate
+
+    with torch.device("meta"):
+        return inspect_architecture(instantiate(entry.model, entry.model_kwargs), entry.model)[0]
+
+
+def _robust_steps(suite: Suite, records: list[dict], dataset: str) -> list[Step]:
+    """One step per model of the robust section: its perturbed test caches scored by every protocol and spec."""
+    if suite.robust is None:
+        return []
+    from vtbench.cache.select import weights_match
+    from vtbench.data import canonical_spec
+
+    from vtbench.perturb.spec import applies_to, parse
+
+    steps = []
+    protocols = suite.robust.get("protocol") or ["default"]
+    for entry in suite.models:
+        if not entry.robust:
+            continue
+        arch = _arch(entry)
+        specs = [s for s in robust_specs(suite) if applies_to(parse(s)[0], arch)]
+        wanted = (len(specs) + 1) * len(protocols) * len(_robust_tokens(suite, entry))
+        wfilter = entry.weights_filter()
+        have = sum(1 for r in records if r.get("task") == "robust" and r.get("model") == entry.model
+                   and r.get("dataset") == canonical_spec(dataset)
+                   and weights_match(wfilter, r["weights"].get("sha256"), r["weights"].get("source")))
+        extras = (", stability" if suite.robust.get("stability") else "") + (
+            f", CKA of {', '.join(suite.robust['cka'])}" if suite.robust.get("cka") else "")
+        steps.append(Step("robust", dataset, f"{entry.label}: {len(specs)} perturbations x {len(protocols)} "
+                          f"protocol(s){extras} ({have}/{wanted} stored)", have >= wanted))
+    return steps
+
+
 def plan(suite: Suite) -> list[Step]:
     """Every step of the suite, marked done where its cache or result already exists."""
     from vtbench import results as store
@@ -516,6 +589,7 @@ def plan(suite: Suite) -> list[Step]:
         for entry in suite.models:
             for perturb in suite.perturbations_for(entry):
                 steps += _evaluation_steps(suite, records, entry, dataset, perturb)
+        steps += _robust_steps(suite, records, dataset)
     report = suite.report_path()
     steps.append(Step("report", "*", f"leaderboard + plots in {report}", (report / "leaderboard.md").exists()))
     return steps
@@ -596,6 +670,8 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
         for entry, bb in zip(suite.models, backbones):
             for perturb in suite.perturbations_for(entry):
                 _evaluate(suite, entry, bb, dataset, perturb, say)
+        if suite.robust is not None:
+            _robustness(suite, backbones, dataset, ex, progress, say)
     write_report(suite, say)
     return steps
 
@@ -621,6 +697,73 @@ def _evaluate(suite: Suite, entry: ModelEntry, bb, dataset: str, perturb: str | 
             state = " (stored)" if rec.get("skipped") else ""
             say(f"  {rec['tokens']:24s} {rec['protocol']} {rec['variant']:10s} "
                 f"{m['accuracy']:.2f} ± {m['ci95']:.2f}{state}")
+
+
+def _robustness(suite: Suite, backbones: list, dataset: str, ex: dict, progress: bool, say) -> None:
+    """The robust section on one dataset: perturbed test caches of its models, then the analyses."""
+    from vtbench.data import dataset_info
+    from vtbench.extract import extract
+    from vtbench.perturb.spec import applies_to, parse
+
+    members = [(entry, bb) for entry, bb in zip(suite.models, backbones) if entry.robust]
+    test = dataset_info(dataset).test_split
+    say(f"== {dataset}: robust ({len(robust_specs(suite))} perturbations of {test})")
+    by_specs: dict[tuple, list] = {}
+    for entry, bb in members:  # block-index lesions are ViTs', stage.block ones CNNs'
+        specs = tuple(s for s in robust_specs(suite) if applies_to(parse(s)[0], bb.arch))
+        by_specs.setdefault(specs, []).append((entry, bb))
+    for specs, group in by_specs.items():
+        for report in extract([bb for _, bb in group], dataset, [test], suite.root_for(dataset),
+                              cache_dir=suite.cache_dir, progress=progress, perturb=list(specs), **ex):
+            say("  " + report.summary())
+        for entry, bb in group:
+            _robust_analyses(suite, entry, bb, dataset, list(specs), say)
+
+
+def _robust_analyses(suite: Suite, entry: ModelEntry, bb, dataset: str, specs: list[str], say) -> None:
+    """Accuracy under the perturbations (probes where the dataset has a train split, the model's own head
+    where its classes are ImageNet's), then stability and CKA where asked."""
+    from vtbench.data import available_splits, dataset_info
+    from vtbench.perturb.spec import label
+    from vtbench.robust import run_accuracy, run_cka, run_stability
+
+    pick = dict(cache_dir=suite.cache_dir, results_dir=suite.results, weights=bb.weights_sha256,
+                settings=suite.settings_for(entry), data_root=suite.data_root_for(dataset))
+    info = dataset_info(dataset)
+    try:
+        trainable = info.train_split in available_splits(dataset, suite.root_for(dataset))
+    except VTError:
+        trainable = True  # no files on disk: the caches decide
+    runs = []
+    if trainable:
+        runs.append((_robust_tokens(suite, entry), suite.robust.get("protocol") or ["default"]))
+    else:
+        say(f"  {dataset} has no {info.train_split} split: no probe to fit (the head protocol needs none)")
+    if suite.robust.get("head") and "logits" in bb.layout and _imagenet_classes(dataset, suite):
+        runs.append((["logits"], ["head"]))
+    for tokens, protocols in runs:
+        for rec in run_accuracy(entry.model, dataset, tokens, protocols, perturb=specs, skip_existing=True, log=say,
+                                **pick):
+            m = rec["metrics"]
+            say(f"  {entry.label} {rec['tokens']} {rec['protocol']} {label(rec.get('perturbation'))}: top1 "
+                f"{m['top1']:.2f} (relative {m['relative']:.3f})" + (" (stored)" if rec.get("skipped") else ""))
+    if suite.robust.get("stability"):
+        run_stability(entry.model, dataset, perturb=specs, log=say, **pick)
+    kinds = [k for k in suite.robust.get("cka") or [] if k in bb.layout]
+    if kinds:
+        run_cka(entry.model, dataset, kinds=kinds, log=say, **pick)
+
+
+def _imagenet_classes(dataset: str, suite: Suite) -> bool:
+    """Whether the dataset's classes are ImageNet synsets (so a model's own head can score it)."""
+    from vtbench.data import dataset_info, get_dataset
+    from vtbench.data.imagenet import imagenet_class_index
+
+    try:
+        imagenet_class_index(get_dataset(dataset, dataset_info(dataset).test_split, suite.root_for(dataset)).class_names)
+        return True
+    except VTError:
+        return False
 
 
 def per_block_protocols(suite: Suite) -> list[str]:
@@ -678,4 +821,20 @@ def write_report(suite: Suite, say: Callable[[str], Any]) -> Path:
         png = out / "bars.png"
         plot_bars(table, png)
         say(f"   plot: {png}")
+    if suite.robust is not None:
+        _robust_plots(suite, table, plots, out, say)
     return out
+
+
+def _robust_plots(suite: Suite, table, plots: list[str], out: Path, say) -> None:
+    from vtbench.data import canonical_spec
+    from vtbench.report import plots as figures
+
+    for name, task, draw in (("robust", "robust", figures.plot_robustness), ("cka", "cka", figures.plot_cka)):
+        if name not in plots:
+            continue
+        for dataset in map(canonical_spec, suite.datasets):
+            if any(r["task"] == task and r["dataset"] == dataset for r in table):
+                png = out / f"{name}_{dataset.replace(':', '_').replace('/', '_')}.png"
+                draw(table, dataset, png)
+                say(f"   plot: {png}")

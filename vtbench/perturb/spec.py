@@ -12,6 +12,9 @@ Grammar (docs/perturbations.md): ``KIND:ARG[:ARG][:key=value...]``
 ``tokendrop:R:block=I``                a fraction R of the patch tokens zeroed before block I
 =====================================  ===========================================================
 
+Lists and ranges expand to one perturbation each: ``patchdrop:random:0.25,0.5,0.75``,
+``lesion:attn:0..11``.
+
 Options: ``grid=N`` (patchdrop: N x N cells; default the ViT's patch grid, 16 px cells for CNNs),
 ``seed=S`` (default 0), ``trials=T`` (random draws: T caches, trial 0..T-1; ``trial=t`` names one),
 ``head=H|mean`` (saliency: the attention head, default 1 as the paper's code).
@@ -53,12 +56,36 @@ def _integer(text: str, what: str, spec: str, least: int | None = None) -> int:
     return value
 
 
+def _expand(spec: str) -> list[str]:
+    """A spec with lists (``0.25,0.5``) or integer ranges (``0..11``) in its arguments, as one spec per value:
+    a grid of drop ratios or every block's lesion is one spec."""
+    parts = spec.split(":")
+    for i, part in enumerate(parts):
+        if "=" in part or i == 0:
+            continue
+        if "," in part:
+            values = [v for v in part.split(",") if v]
+        elif ".." in part:
+            lo, _, hi = part.partition("..")
+            try:
+                values = [str(v) for v in range(int(lo), int(hi) + 1)]
+            except ValueError:
+                raise VTError(f"--perturb {spec}: a range is two integers, e.g. 0..11, not '{part}'") from None
+        else:
+            continue
+        return [e for v in values for e in _expand(":".join(parts[:i] + [v] + parts[i + 1:]))]
+    return [spec]
+
+
 def parse(spec: str, *, query: bool = False) -> list[dict]:
-    """The canonical perturbation dicts a spec stands for (several with ``trials=T``).
+    """The canonical perturbation dicts a spec stands for (several with ``trials=T``, lists or ranges).
 
     ``query`` parses a spec that picks caches: ``trials`` is refused there (name a ``trial=t``).
     """
-    spec = str(spec).strip()
+    expanded = _expand(str(spec).strip())
+    if len(expanded) > 1:
+        return [p for one in expanded for p in parse(one, query=query)]
+    spec = expanded[0]
     head, *rest = spec.split(":")
     if head not in KINDS:
         raise VTError(f"--perturb {spec}: unknown perturbation '{head}'; use one of {', '.join(KINDS)} "
@@ -139,6 +166,16 @@ def parse_all(specs) -> list[dict]:
             if item not in out:
                 out.append(item)
     return out
+
+
+def applies_to(p: dict, arch: str) -> bool:
+    """Whether a perturbation fits a model family: block-index lesions and token drop are ViTs', stage.block
+    lesions CNNs'."""
+    if p["kind"] == "tokendrop" or (p["kind"] == "lesion" and "stage" not in p):
+        return arch == "vit"
+    if p["kind"] == "lesion":
+        return arch == "cnn"
+    return True
 
 
 def spec_of(p: dict) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from vtbench.errors import VTError
 from vtbench.options import Opt
 from vtbench.perturb.spec import label as perturbation_label
+from vtbench.perturb.spec import describe as describe_perturbation
 from vtbench.perturb.spec import sort_key
 from vtbench.protocols import protocol_note, variant_part_note
 from vtbench.results import ResultsTable, convergence_note, data_id, data_label, load
@@ -661,9 +662,9 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
         f"{MISSING} = no result. Mean and Avg rank use only the datasets a row has; a rank is taken within "
         "a dataset column among the rows that have it (1 = best, ties share the average rank). Bold = best in column."
     )
-    protocols = [
+    protocols = list(dict.fromkeys(
         protocol_note(p, sec.metric) for sec in sections for p in sorted({r.protocol for r in sec.rows})
-    ]
+    ))
     notes.append("Protocols: " + "; ".join(protocols) + ".")
     variants = sorted({r.get("variant", "") for r in records} - {""})
     if variants:
@@ -676,15 +677,24 @@ def _notes(sections: list[Section], records: list[dict], hidden_per_block: int, 
         + "."
     )
     settings: dict[tuple, tuple[set, str]] = {}
+    perturbed: dict[str, set[str]] = {}
     for r in records:  # by settings and architecture: the norm setting means something else for CNNs
-        models, _ = settings.setdefault((FeatureSettings.of(r).id, str(r.get("arch"))), (set(), FeatureSettings.of(r).label(full=True, arch=r.get("arch"))))
+        full = FeatureSettings.of(r)
+        clean = replace(full, perturbation=None)  # each perturbation is described once, in its own note
+        models, _ = settings.setdefault((clean.id, str(r.get("arch"))),
+                                        (set(), clean.label(full=True, arch=r.get("arch"))))
         models.add(r["model"])
+        if full.perturbation:
+            perturbed.setdefault(describe_perturbation(full.perturbation), set()).add(f"{r['model']} [{full.id}]")
     notes.append(
         "Features (extraction settings of the caches): "
         + "; ".join(f"{', '.join(sorted(m))} [{key[0]}]: {text}"
                     for key, (m, text) in sorted(settings.items(), key=lambda kv: sorted(kv[1][0])))
         + "."
     )
+    if perturbed:
+        notes.append("Perturbations (of those settings; docs/perturbations.md): "
+                     + "; ".join(f"{text} ({', '.join(sorted(ids))})" for text, ids in sorted(perturbed.items())) + ".")
     seeds = sorted({r["seed"] for r in records})
     seed_sets = {tuple(c.seeds) for sec in sections for row in sec.rows for c in row.cells.values()}
     if len(seeds) == 1:

@@ -19,6 +19,7 @@ from vtbench.tokens import parse_spec
 # A bar chart with more rows than this is unreadable: narrow it with filters instead.
 MAX_BAR_ROWS = 20  # tab10 x hatches keeps every series distinct; beyond this the legend outgrows the chart
 LINE_STYLES = {"cls": "-", "patch": "--", "stage": ":"}
+BAR_TASKS = ("probe", "fewshot")  # the robustness tables have plots of their own (plot_robustness, plot_cka)
 
 
 def _new_figure(width: float, height: float):
@@ -170,6 +171,7 @@ def plot_bars(
     """
     import numpy as np
 
+    table = ResultsTable([r for r in table if r["task"] in BAR_TASKS], table.unreadable)
     board = build_leaderboard(
         table, models=models, tokens=tokens, protocols=protocols, datasets=datasets, metric=metric, settings=settings
     )

@@ -35,7 +35,19 @@ _KINDS = Opt("kinds", str, None, "Only perturbations of these kinds: patchdrop, 
              multiple=True)
 _COMMON = (options.CACHE_DIR, options.RESULTS_DIR, options.WEIGHTS_PICK, *_PICK, options.ROOT_PICK)
 
-# `vt robust accuracy|stability|cka` options and a suite's robust keys.
+# A suite's robust: section (its models' own caches, settings and outputs come from the suite).
+SUITE_ROBUST_OPTIONS = (
+    Opt("perturb", str, None, "Perturbations of the test split (lists and ranges allowed: patchdrop:random:0.25,0.5); "
+        "extracted for the models with robust: true (the default), then scored.", multiple=True),
+    Opt("protocol", str, ["default"], "Probe protocol(s) fitted on the clean features.", multiple=True),
+    Opt("tokens", str, None, "Token specs (default: each model's first).", multiple=True),
+    Opt("head", bool, False, "Also score each model's own ImageNet head (protocol head on --tokens logits; extract "
+        "with logits: true) on the datasets whose classes are ImageNet synsets."),
+    Opt("stability", bool, False, "Also the per-block feature stability of every perturbation."),
+    Opt("cka", str, None, "Token kinds whose block x block CKA is computed (e.g. [cls, stage]).", multiple=True),
+)
+
+# `vt robust accuracy|stability|cka` options.
 ACCURACY_OPTIONS = (
     options.MODEL, options.DATASET,
     Opt("tokens", str, ["cls[-1]"], "Token spec(s) of the probe.", short="-t", multiple=True),
@@ -268,7 +280,8 @@ def run_stability(
                         "stability", opened[0].meta, protocol="pearson", variant="", seed=0,
                         caches={"clean": [clean.record_ref()], "perturbed": [c.record_ref() for c in opened]},
                         tokens=kind)
-                    record.update(perturbation=group, metrics={"pearson": pearson[-1], "cosine": cosine[-1]},
+                    record.update(perturbation=group, splits={"compared": [split]},
+                                  metrics={"pearson": pearson[-1], "cosine": cosine[-1]},
                                   per_block={"pearson": pearson, "cosine": cosine},
                                   measure="mean over images of the Pearson correlation (and the cosine) between a "
                                           "block's clean and perturbed feature of the same image; trials averaged")
@@ -385,6 +398,7 @@ def run_cka(
                                       tokens=kind)
             offdiag = _adjacent_mean(biased[:split_at, :split_at])
             record.update(
+                splits={"features": [split]},
                 metrics={"adjacent_cka": offdiag, "first_last_cka": float(biased[0, split_at - 1])},
                 cka={"biased": biased.tolist(), "debiased": debiased.tolist(), "rows": split_at,
                      "labels": [f"{kind}[{b}]" for b in range(split_at)]
