@@ -146,3 +146,29 @@ def test_lite0s_own_head_on_shared_images_with_imagenet_classes(tmp_path, lite0_
     assert dropped["metrics"]["top1"] < clean["metrics"]["top1"]
     with pytest.raises(VTError, match="--tokens logits"):
         run_probe("tf_efficientnet_lite0", spec, "prelogits", "head", **kw)
+
+
+def test_robustness_plots_draw_what_the_records_hold(perturbed, tmp_path):
+    from vtbench.report.plots import plot_cka, plot_lesions, plot_robustness, plot_stability
+
+    root, folder = perturbed
+    kw = dict(cache_dir=root / "c", results_dir=tmp_path / "r")
+    run_accuracy(VIT, folder, "cls[-1]", "ncc", **kw)
+    run_stability(VIT, folder, **kw)
+    run_cka(VIT, folder, kinds=["cls"], **kw)
+    table = load(tmp_path / "r")
+    fig = plot_robustness(table, folder, tmp_path / "robust.png")
+    drop_ax, shuffle_ax = fig.axes
+    (line,) = [ln for ln in drop_ax.get_lines() if not ln.get_label().startswith("_")]  # (error-bar caps aside)
+    assert list(line.get_xdata()) == [0, 0.25, 0.75]  # clean at 0, then the ratios
+    assert line.get_ydata()[0] == next(r["metrics"]["top1"] for r in table if r["task"] == "robust"
+                                       and not r.get("perturbation"))
+    assert list(shuffle_ax.get_lines()[0].get_xdata())[-1] == 2 and shuffle_ax.get_lines()[0].get_xdata()[0] == 1
+    (lesion,) = plot_lesions(table, folder, tmp_path / "lesions.png").axes[0].get_lines()
+    assert list(lesion.get_xdata()) == [1]
+    stability = plot_stability(table, folder, tmp_path / "stability.png").axes[0].get_lines()
+    assert len(stability) == sum(r["task"] == "stability" for r in table)
+    heat = plot_cka(table, folder, tmp_path / "cka.png").axes[0].images[0].get_array()
+    (rec,) = [r for r in table if r["task"] == "cka"]
+    assert np.allclose(heat, rec["cka"]["biased"])
+    assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in ("robust", "lesions", "stability", "cka"))
