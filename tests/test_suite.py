@@ -222,3 +222,38 @@ def test_docs_suite_md_lists_every_key():
     page = Path(__file__).resolve().parents[1] / "docs" / "suite.md"
     assert page.read_text() == key_reference(), "docs/suite.md is stale: regenerate it with 'vt run --keys > docs/suite.md'"
     assert "| `seeds` | `--seeds` |" in page.read_text() and "| `plots` |" in page.read_text()
+
+
+def test_two_shards_of_the_demo_in_parallel_give_the_one_process_leaderboard(tmp_path):
+    """vt run --shard 1/2 and 2/2 side by side (one shared store), then the report, against one `vt run`."""
+    import os
+    import subprocess
+    import sys
+
+    vt = str(Path(sys.executable).with_name("vt"))
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    for where in (sharded, single):
+        where.mkdir()
+
+    def env(where):
+        return dict(os.environ, VT_CACHE=str(where / "cache"), VT_RESULTS=str(where / "unused"))
+
+    shards = [subprocess.Popen([vt, "run", "--shard", f"{i}/2", "--no-progress"], cwd=sharded, env=env(sharded),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
+    outputs = [p.communicate(timeout=900)[0] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], outputs
+    assert "shard 1/2 done" in outputs[0] and "shard 2/2 done" in outputs[1]
+    assert not (sharded / "vt-demo" / "leaderboard.md").exists()  # shards leave the report to the end
+    report = subprocess.run([vt, "run", "--no-progress"], cwd=sharded, env=env(sharded), capture_output=True, text=True)
+    assert report.returncode == 0 and "already done" in report.stdout, report.stderr
+    one = subprocess.run([vt, "run", "--no-progress"], cwd=single, env=env(single), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+
+    def board(where):
+        text = subprocess.run([vt, "leaderboard", "vt-demo/results"], cwd=where, env=env(where), capture_output=True,
+                              text=True, check=True).stdout
+        return text.replace(str(where / "cache"), "<VT_CACHE>")
+
+    assert board(sharded) == board(single)
+    assert (sharded / "vt-demo" / "leaderboard.md").read_text().replace(str(sharded / "cache"), "<VT_CACHE>") == \
+        (single / "vt-demo" / "leaderboard.md").read_text().replace(str(single / "cache"), "<VT_CACHE>")

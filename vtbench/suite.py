@@ -117,6 +117,23 @@ class Suite:
     robust: dict | None = None
     leaderboard: dict = field(default_factory=dict)
 
+    def shard_parts(self, index: int, count: int) -> list["Suite"]:
+        """Shard ``index`` of ``count`` (1-based): the suite's (dataset, model) units taken in order, unit k going
+        to shard k mod count + 1, as one sub-suite per dataset holding that shard's models. Every shard of a
+        job array thereby runs a disjoint, deterministic share; their results land in one store."""
+        if count < 1 or not 1 <= index <= count:
+            raise VTError(f"--shard {index}/{count}: give I/N with 1 <= I <= N (e.g. 1/4 ... 4/4)")
+        parts, unit = [], 0
+        for dataset in self.datasets:
+            mine = []
+            for entry in self.models:
+                if unit % count == index - 1:
+                    mine.append(entry)
+                unit += 1
+            if mine:
+                parts.append(replace(self, datasets=[dataset], models=mine))
+        return parts
+
     def only(self, datasets: list[str]) -> "Suite":
         """The same suite restricted to some of its datasets (given as in the suite, or as short names)."""
         from vtbench.data import canonical_spec
@@ -633,11 +650,31 @@ def _check_inputs(suite: Suite, backbones: list, steps: list[Step]) -> None:
                     raise VTError(f"{suite.path}: {entry.label}: {exc}") from None
 
 
-def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
+def run_shard(suite: Suite, index: int, count: int, *, dry_run: bool = False, progress: bool = True,
               log: Callable[[str], Any] | None = None) -> list[Step]:
-    """Run (or with ``dry_run`` only plan) a suite; returns the plan as it stood before running."""
+    """Run (or plan) shard ``index`` of ``count`` of a suite (:meth:`Suite.shard_parts`), without the report: the
+    shards share the results store, and `vt run SUITE` (no shard) or `vt leaderboard` reports them together."""
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    parts = suite.shard_parts(index, count)
+    say(f"suite {suite.name}, shard {index}/{count}: " + ("; ".join(
+        f"{p.datasets[0]}: {', '.join(e.label for e in p.models)}" for p in parts) or "nothing (more shards than units)"))
+    steps = []
+    for part in parts:
+        steps += run_suite(part, dry_run=dry_run, progress=progress, log=say, report=False)
+    if not dry_run:
+        say(f"shard {index}/{count} done; once every shard is, `vt run {suite.path}` writes the leaderboard and plots "
+            f"from the shared store ({suite.results_dir()}), or `vt leaderboard {suite.results_dir()}` shows it")
+    return steps
+
+
+def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
+              log: Callable[[str], Any] | None = None, report: bool = True) -> list[Step]:
+    """Run (or with ``dry_run`` only plan) a suite; returns the plan as it stood before running. ``report=False``
+    leaves out the leaderboard and plots (shards)."""
     say = log or (lambda msg: print(msg, file=sys.stderr))
     steps = plan(suite)
+    if not report:
+        steps = [s for s in steps if s.kind != "report"]
     todo = sum(not s.done for s in steps)
     say(f"suite {suite.name}: {len(steps)} steps, {len(steps) - todo} already done")
     for step in steps:
@@ -672,7 +709,8 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
                 _evaluate(suite, entry, bb, dataset, perturb, say)
         if suite.robust is not None:
             _robustness(suite, backbones, dataset, ex, progress, say)
-    write_report(suite, say)
+    if report:
+        write_report(suite, say)
     return steps
 
 
