@@ -355,7 +355,10 @@ def extract(
     keep_freed_memory()  # every batch would otherwise page-fault its activations afresh (3x slower on CPU)
     check_extract_options(dtype=dtype, on_error=on_error, batch_size=batch_size, transform=transform)
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    dev = resolve_device(device)
+    from vtbench.extract.distributed import device_for, ranks_from_env
+
+    ranks = ranks_from_env()  # under torchrun: this rank's share of every cache (vtbench.extract.distributed)
+    dev = resolve_device(device_for(ranks, device) if ranks else device)
     splits = _plan_splits(dataset, splits, root)
     root_dir = writable_dir(default_cache_dir(cache_dir), "--out")
     use_amp = amp and dev.type == "cuda"
@@ -376,7 +379,8 @@ def extract(
         imageset = _open_split(dataset, split, root)
         for members in groups:
             reports.extend(_extract_group(
-                members, imageset, root_dir, settings, perturbations=perturbations, saliency=saliency, kinds=kind_filter, batch_size=batch_size, workers=workers,
+                members, imageset, root_dir, settings, perturbations=perturbations, saliency=saliency, kinds=kind_filter,
+                ranks=ranks, batch_size=batch_size, workers=workers,
                 device=dev, amp=use_amp, force=force, on_error=on_error, progress=progress, say=say,
             ))
     return reports
@@ -470,9 +474,23 @@ def _check_input_size(bb, desc: dict, device) -> None:
 
 
 def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, perturbations, saliency, kinds,
-                   batch_size, workers, device, amp, force, on_error, progress, say) -> list[ExtractReport]:
+                   ranks=None, batch_size, workers, device, amp, force, on_error, progress, say) -> list[ExtractReport]:
     """Run every backbone of ``members`` (same transform) over one split, sharing the decode pass: the clean
     features and those of every perturbation, each into its own cache."""
+    from vtbench.extract.distributed import Ranks, shard_files
+
+    planned = _plan_caches(members, imageset, root_dir, settings, perturbations, saliency, kinds)
+    if ranks is None and any(shard_files(p[3]) for p in planned):
+        ranks = Ranks(0, 1, 0)  # one process resumes the shards of an interrupted torchrun job
+    run = dict(workers=workers, device=device, amp=amp, on_error=on_error, progress=progress, say=say)
+    if ranks is not None:
+        return _extract_sharded(planned, members, imageset, root_dir, settings, ranks, batch_size=batch_size,
+                                force=force, **run)
+    return _extract_planned(planned, members, imageset, root_dir, settings, batch_size=batch_size, force=force, **run)
+
+
+def _plan_caches(members, imageset, root_dir, settings, perturbations, saliency, kinds) -> list[tuple]:
+    """``(backbone, layout, meta, final path, perturber)`` of every cache the group writes."""
     from vtbench.perturb.apply import Perturber
 
     planned = []
@@ -486,6 +504,12 @@ def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, pe
             meta["key"] = cache_key(meta)
             records = perturber.records if perturber else {}
             planned.append((bb, Layout(layout, records), meta, cache_path(root_dir, meta), perturber))
+    return planned
+
+
+def _extract_planned(planned, members, imageset, root_dir, settings, *, batch_size, workers, device, amp, force,
+                     on_error, progress, say) -> list[ExtractReport]:
+    """One process: every planned cache written (or resumed) through its cache writer."""
     # Taken in path order, so that two runs wanting overlapping caches cannot deadlock.
     locks = {final: CacheLock(final) for final in sorted({p[3] for p in planned})}
     reports, jobs = [], []
@@ -519,6 +543,56 @@ def _extract_group(members, imageset, root_dir, settings: FeatureSettings, *, pe
     finally:
         for job in jobs:
             job.writer.close()  # (a no-op for finished or already closed files)
+        for lock in locks.values():
+            lock.release()
+
+
+def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, batch_size, workers, device, amp,
+                     force, on_error, progress, say) -> list[ExtractReport]:
+    """Under torchrun: this rank's share of every planned cache into shard files, then rank 0 merges them
+    (vtbench.extract.distributed). Only rank 0 holds the caches' locks: no rank waits on another's."""
+    from vtbench.extract import distributed as dist_lib
+
+    locks = {final: CacheLock(final) for final in sorted({p[3] for p in planned})} if ranks.leader else {}
+    reports, jobs = [], []
+    try:
+        for lock in locks.values():
+            lock.acquire(on_wait=say)
+        if force and ranks.leader:
+            for _, _, _, final, _ in planned:
+                for path in [final, partial_path(final), *dist_lib.shard_files(final)]:
+                    path.unlink(missing_ok=True)
+        ranks.barrier("planning")
+        todo = [p for p in planned if not p[3].exists()]
+        for bb, layout, meta, final, perturber in planned:
+            if final.exists():
+                reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"],
+                                             len(imageset), reused=True, perturbation=_label(perturber)))
+        shares = [dist_lib.share(p[3], len(imageset), batch_size, ranks) for p in todo]
+        ranks.barrier("dividing the rows")  # every rank has read the shards before any writes a new one
+        for (bb, layout, meta, final, perturber), batches in zip(todo, shares):
+            writer = dist_lib.ShardWriter(final, layout, meta["dtype"], batches, batch_size)
+            jobs.append(_Job(bb, writer, set(layout.dims), perturber))
+        if jobs:
+            mine = _run_batches(jobs, imageset, members[0][1], norm=settings.norm, workers=workers, device=device,
+                                amp=amp, on_error=on_error, progress=progress, say=say)
+            rows = sum(len(range(a, b)) for batches in shares for a, b in batches)
+            say(f"rank {ranks.rank}/{ranks.world}: {rows} rows of {len(todo)} cache(s) in "
+                f"{mine[0].seconds:.1f}s" if mine else f"rank {ranks.rank}: nothing left to extract")
+        ranks.barrier("extraction")
+        if ranks.leader:
+            for bb, layout, meta, final, perturber in todo:
+                path = dist_lib.merge(final, root_dir, meta, layout, imageset.labels, imageset.image_ids,
+                                      imageset.class_names, batch_size)
+                with open_cache(path) as cache:
+                    skipped = cache.skipped
+                reports.append(ExtractReport(bb.name, imageset.name, imageset.split, path, meta["key"], len(imageset),
+                                             skipped=skipped, perturbation=_label(perturber)))
+        ranks.barrier("merging the shards")
+        return reports if ranks.leader else [r for r in reports if r.reused]
+    finally:
+        for job in jobs:
+            job.writer.close()
         for lock in locks.values():
             lock.release()
 
@@ -615,6 +689,10 @@ def _run_batches(jobs, imageset, transform, *, norm, workers, device, amp, on_er
     reports = []
     for job in jobs:
         path = job.writer.finalize()
+        if not isinstance(job.writer, CacheWriter):  # a shard: the merged cache reports on itself
+            reports.append(ExtractReport(job.backbone.name, imageset.name, imageset.split, path, "", len(imageset),
+                                         seconds=seconds))
+            continue
         with open_cache(path) as cache:  # the file's own list covers rows skipped before a resume too
             skipped_list, key = cache.skipped, cache.key
         reports.append(ExtractReport(
