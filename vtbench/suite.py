@@ -701,9 +701,9 @@ def run_suite(suite: Suite, *, dry_run: bool = False, progress: bool = True,
     for dataset in suite.datasets:
         say(f"== {dataset}: extract")
         for specs, members in by_perturbations.items():
-            for report in extract(members, dataset, None, suite.root_for(dataset), cache_dir=suite.cache_dir,
-                                  progress=progress, perturb=list(specs), **ex):
-                say("  " + report.summary())
+            for made in extract(members, dataset, None, suite.root_for(dataset), cache_dir=suite.cache_dir,
+                                progress=progress, perturb=list(specs), **ex):
+                say("  " + made.summary())
         for entry, bb in zip(suite.models, backbones):
             for perturb in suite.perturbations_for(entry):
                 _evaluate(suite, entry, bb, dataset, perturb, say)
