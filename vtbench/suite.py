@@ -15,7 +15,9 @@ it stopped, and ``--dry-run`` prints the plan with what is already done.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import os
 import re
 import sys
@@ -556,12 +558,17 @@ def _robust_tokens(suite: Suite, entry: ModelEntry) -> list[str]:
 
 def _arch(entry: ModelEntry) -> str:
     """vit or cnn, from the architecture alone (built on the meta device: no weights, no memory)."""
+    return _arch_of(entry.model, json.dumps(entry.model_kwargs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(model: str, model_kwargs: str) -> str:  # once per model, not once per dataset and plan
     import torch
 
     from vtbench.models.backbone import inspect_architecture, instantiate
 
     with torch.device("meta"):
-        return inspect_architecture(instantiate(entry.model, entry.model_kwargs), entry.model)[0]
+        return inspect_architecture(instantiate(model, json.loads(model_kwargs)), model)[0]
 
 
 def _robust_steps(suite: Suite, records: list[dict], dataset: str) -> list[Step]:

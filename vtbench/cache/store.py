@@ -204,13 +204,7 @@ class CacheWriter:
     ) -> None:
         """Write rows ``start..start+len`` of every (kind, block) and perturbation record; ``skipped`` maps
         row -> error."""
-        rows = None
-        for key, ds in self._features.items():
-            arr = features[key]
-            rows = len(arr)
-            ds[start : start + rows] = arr.astype(ds.dtype, copy=False)
-        for name, ds in self._records.items():
-            ds[start : start + rows] = np.asarray(records[name]).astype(ds.dtype, copy=False)
+        rows = write_rows(self._features, self._records, start, features, records)
         status = np.full(rows, WRITTEN, dtype=np.uint8)
         if skipped:
             status[[r - start for r in skipped]] = SKIPPED
@@ -221,13 +215,7 @@ class CacheWriter:
 
     def commit(self) -> None:
         """Make every row written so far durable: flush features first, then mark them."""
-        if not self._pending:
-            return
-        self._f.flush()
-        for start, status in self._pending:
-            self._status[start : start + len(status)] = status
-        self._f.flush()
-        self._pending.clear()
+        commit_rows(self._f, self._status, self._pending)
 
     def finalize(self) -> Path:
         """Record skipped images, mark the file complete and move it to its final name."""
@@ -265,6 +253,31 @@ class CacheWriter:
         if self._f.id.valid:
             self.commit()
             self._f.close()
+
+
+def write_rows(features: dict, records: dict, at: int, values: dict, record_values: dict | None) -> int:
+    """One batch into its datasets at row ``at``: every (kind, block) of ``values`` and every perturbation record;
+    returns the number of rows. Their status is set later, by :func:`commit_rows`."""
+    rows = None
+    for key, ds in features.items():
+        arr = values[key]
+        rows = len(arr)
+        ds[at : at + rows] = arr.astype(ds.dtype, copy=False)
+    for name, ds in records.items():
+        ds[at : at + rows] = np.asarray(record_values[name]).astype(ds.dtype, copy=False)
+    return rows
+
+
+def commit_rows(f: h5py.File, status_ds, pending: list[tuple[int, np.ndarray]]) -> None:
+    """Make the written rows durable: flush their data first, then mark their status, so a kill at any moment
+    leaves only marked rows that are whole (``pending``: (first row, statuses), emptied)."""
+    if not pending:
+        return
+    f.flush()
+    for at, status in pending:
+        status_ds[at : at + len(status)] = status
+    f.flush()
+    pending.clear()
 
 
 class CacheLock:

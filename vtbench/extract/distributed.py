@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vtbench.cache.store import PENDING, SKIPPED, WRITTEN, CacheWriter, Layout, block_name
+from vtbench.cache.store import PENDING, SKIPPED, WRITTEN, CacheWriter, Layout, block_name, commit_rows, write_rows
 from vtbench.errors import VTError
 
 TIMEOUT_S = float(os.environ.get("VT_DIST_TIMEOUT_S", "1800"))  # how long a rank waits for the others
@@ -161,12 +161,7 @@ class ShardWriter:
 
     def write(self, start: int, features: dict, skipped: dict | None = None, records: dict | None = None) -> None:
         local = self._offset[start]
-        rows = None
-        for key, ds in self._features.items():
-            rows = len(features[key])
-            ds[local:local + rows] = features[key].astype(ds.dtype, copy=False)
-        for name, ds in self._records.items():
-            ds[local:local + rows] = np.asarray(records[name]).astype(ds.dtype, copy=False)
+        rows = write_rows(self._features, self._records, local, features, records)
         status = np.full(rows, WRITTEN, np.uint8)
         for row, error in (skipped or {}).items():
             status[row - start] = SKIPPED
@@ -174,13 +169,7 @@ class ShardWriter:
         self._pending.append((local, status))
 
     def commit(self) -> None:
-        if not self._pending:
-            return
-        self._f.flush()
-        for local, status in self._pending:
-            self._status[local:local + len(status)] = status
-        self._f.flush()
-        self._pending.clear()
+        commit_rows(self._f, self._status, self._pending)
 
     def finalize(self) -> Path:
         self.close()

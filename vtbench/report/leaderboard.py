@@ -605,7 +605,8 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
     perturbations: dict[tuple, dict | None] = {}
     for rec in records:
         weights = rec.get("weights", {})
-        features = FeatureSettings.of(rec).id
+        settings = FeatureSettings.of(rec)
+        features = settings.id
         data = data_id(rec) or ""
         key = (rec["model"], rec["tokens"], rec["protocol"], rec.get("variant", ""),
                weights.get("source", ""), weights["sha256"], features, data)
@@ -613,11 +614,11 @@ def _build_section(task: str, metric: str, records: list[dict]) -> Section:
             rows[key] = Row(task=task, model=rec["model"], weights_source=weights.get("source", ""),
                             weights_sha256=weights["sha256"], tokens=rec["tokens"], protocol=rec["protocol"],
                             variant=rec.get("variant", ""), features=features,
-                            features_label=FeatureSettings.of(rec).label(perturbation=False),
-                            perturbation=_perturbation(rec),
+                            features_label=settings.label(perturbation=False),
+                            perturbation=perturbation_label(settings.perturbation) if settings.perturbation else "",
                             data=data, data_label=data_label(rec))
         per_cell.setdefault((key, rec["dataset"]), {})[rec["seed"]] = rec
-        perturbations[key] = FeatureSettings.of(rec).perturbation
+        perturbations[key] = settings.perturbation
     for (key, dataset), by_seed in per_cell.items():
         rows[key].cells[dataset] = _cell(task, metric, by_seed)
     for row in rows.values():
@@ -783,8 +784,3 @@ def leaderboard_from_dir(results_dir: str | os.PathLike, **filters) -> Leaderboa
     """:func:`build_leaderboard` of a results directory (filters as there)."""
     return build_leaderboard(load_results(results_dir), **filters)
 
-
-def _perturbation(record: dict) -> str:
-    """The label of a record's perturbation ('' for clean features)."""
-    p = FeatureSettings.of(record).perturbation
-    return perturbation_label(p) if p else ""

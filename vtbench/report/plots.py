@@ -132,13 +132,20 @@ def plot_per_block(
             color=color,
             label=label(key),
         )
-    ax.set_xlabel("block (CNNs: stage)" if any(k[6] == "stage" for k in series) else "block")
-    ax.set_ylabel(f"{metric} (%)")
+    name = dataset_labels([spec])[spec]
+    return _finish_block_axes(fig, ax, out, "block (CNNs: stage)" if any(k[6] == "stage" for k in series) else "block",
+                              f"{metric} (%)", f"{name}{'' if name == spec else f' ({spec})'}: per-block {metric}, "
+                              f"protocol {protocol}")
+
+
+def _finish_block_axes(fig, ax, out, xlabel: str, ylabel: str, title: str, **title_style):
+    """Labels, integer block ticks, grid, the legend below the axes (curves fill them), title; saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: curves fill the axes
-    name = dataset_labels([spec])[spec]
-    ax.set_title(f"{name}{'' if name == spec else f' ({spec})'}: per-block {metric}, protocol {protocol}")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title(title, **title_style)
     _save(fig, out)
     return fig
 
@@ -315,14 +322,8 @@ def plot_lesions(table: ResultsTable, dataset: str, out, models: list[str] | Non
         style = {"attn": "-", "mlp": "--", "block": ":"}[key[3]]
         ax.plot(xs, [base - drops[key][x] for x in xs], style, marker="o", markersize=4, color=f"C{i % 10}",
                 label=" · ".join(key))
-    ax.set_xlabel("block removed (depth)")
-    ax.set_ylabel(f"{metric} drop from clean (points)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    ax.set_title(_title(spec, "lesions (attention against MLP against whole block)"), fontsize=10)
-    _save(fig, out)
-    return fig
+    return _finish_block_axes(fig, ax, out, "block removed (depth)", f"{metric} drop from clean (points)",
+                              _title(spec, "lesions (attention against MLP against whole block)"), fontsize=10)
 
 
 def plot_stability(table: ResultsTable, dataset: str, out, models: list[str] | None = None, measure: str = "pearson"):
@@ -339,14 +340,8 @@ def plot_stability(table: ResultsTable, dataset: str, out, models: list[str] | N
         text = " · ".join(([r["model"]] if len(names) > 1 else []) + [r["tokens"], label(r.get("perturbation"))])
         ax.plot(range(len(values)), values, LINE_STYLES.get(r["tokens"], "-"), marker="o", markersize=3,
                 color=f"C{i % 10}", label=text)
-    ax.set_xlabel("block")
-    ax.set_ylabel(f"mean {measure} (clean vs perturbed)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    ax.set_title(_title(spec, "feature stability per block"), fontsize=10)
-    _save(fig, out)
-    return fig
+    return _finish_block_axes(fig, ax, out, "block", f"mean {measure} (clean vs perturbed)",
+                              _title(spec, "feature stability per block"), fontsize=10)
 
 
 def plot_cka(table: ResultsTable, dataset: str, out, model: str | None = None, tokens: str | None = None,

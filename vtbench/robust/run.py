@@ -109,6 +109,14 @@ def perturbed_caches(clean, split: str, cache_dir=None, specs: Sequence[str] | N
     return dict(sorted(groups.items(), key=lambda item: sort_key(json.loads(item[0]))))
 
 
+def _clean_caches(model, dataset, cache_dir, weights, settings, data_root, select: dict, kinds=()) -> CacheSet:
+    """The clean caches an analysis compares against: the settings given, but never a perturbation (the
+    perturbed test sets are found beside them, by :func:`perturbed_caches`)."""
+    query = SettingsQuery.of(settings, **{k: v for k, v in select.items() if k != "perturb"})
+    return CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=query, data_root=data_root,
+                    kinds=kinds)
+
+
 def _missing(clean, split, specs, kinds) -> VTError:
     ref = clean.meta
     what = " --perturb ".join(specs or []) or "patchdrop:random:0.5"
@@ -158,9 +166,8 @@ def run_accuracy(
     dev = resolve_device(device)
     info = dataset_info(dataset)
     results_root = writable_dir(default_results_dir(results_dir), "--results")
-    query = SettingsQuery.of(settings, **{k: v for k, v in select.items() if k != "perturb"})
-    caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=query, data_root=data_root,
-                      kinds=set().union(*(s.kinds for s in specs)))
+    caches = _clean_caches(model, dataset, cache_dir, weights, settings, data_root, select,
+                           kinds=set().union(*(s.kinds for s in specs)))
     try:
         plans = _open_splits(caches, protocols, info)
         specs = _final_specs(caches, specs, per_block=False)
@@ -261,8 +268,7 @@ def run_stability(
     say = log or (lambda msg: None)
     split = split or dataset_info(dataset).test_split
     results_root = writable_dir(default_results_dir(results_dir), "--results")
-    query = SettingsQuery.of(settings, **{k: v for k, v in select.items() if k != "perturb"})
-    caches = CacheSet(model, dataset, cache_dir=cache_dir, weights=weights, settings=query, data_root=data_root)
+    caches = _clean_caches(model, dataset, cache_dir, weights, settings, data_root, select)
     try:
         clean = caches.get(split)
         groups = perturbed_caches(clean, split, cache_dir, perturb, kinds)
