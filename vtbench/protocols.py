@@ -223,9 +223,13 @@ class NearestCentroidProbe(ProbeProtocol):
         from vtbench.transfer.probe import Fitted
 
         t0 = time.perf_counter()
-        train = torch.nn.functional.normalize(torch.from_numpy(task.train.features(spec)).double(), dim=1)
         labels = torch.from_numpy(task.train.labels).long()
-        sums = torch.zeros(task.num_classes, train.shape[1], dtype=torch.float64).index_add_(0, labels, train)
+        sums = torch.zeros(task.num_classes, task.train.width(spec), dtype=torch.float64)
+        start = 0
+        for chunk in task.train.chunks(spec, task.chunk_rows(task.train, spec, "knn")):  # chunks beyond --max-memory
+            normalised = torch.nn.functional.normalize(torch.from_numpy(chunk).double(), dim=1)
+            sums.index_add_(0, labels[start : start + len(chunk)], normalised)
+            start += len(chunk)
         present = torch.bincount(labels, minlength=task.num_classes) > 0
         centroids = torch.nn.functional.normalize(sums, dim=1)
 
@@ -247,7 +251,7 @@ class NearestCentroidProbe(ProbeProtocol):
         out = []
         for spec in task.specs:
             fitted = self.fit(task, spec)
-            scores = fitted.predict(task.test.features(spec))
+            scores = fitted.score(task.test, spec, task.chunk_rows(task.test, spec, "knn"))
             out.append({"metrics": classification_metrics(scores, torch.from_numpy(task.test.labels).long()),
                         **fitted.outcome})
         return out
@@ -292,7 +296,7 @@ class ModelHead(ProbeProtocol):
         out = []
         for spec in task.specs:
             fitted = self.fit(task, spec)
-            scores = fitted.predict(task.test.features(spec))
+            scores = fitted.score(task.test, spec, task.chunk_rows(task.test, spec, "knn"))
             out.append({"metrics": classification_metrics(scores, fitted.labels(task.test.labels)), **fitted.outcome})
         return out
 

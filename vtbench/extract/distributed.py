@@ -189,18 +189,19 @@ def merge(final: Path, root, meta: dict, layout: Layout, labels, image_ids, clas
     writer = CacheWriter.open(root, meta, layout, labels, image_ids, class_names, batch_size)
     try:
         for path in shard_files(final):
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r") as f:  # a batch at a time: a shard may not fit in memory
                 rows, status, errors = f["rows"][:], f["row_status"][:], f["errors"][:]
-                feats = {(k, int(b)): ds[:] for k, grp in f["features"].items() for b, ds in grp.items()}
-                recs = {name: ds[:] for name, ds in f["perturbation"].items()} if "perturbation" in f else {}
-            for start in range(0, len(rows), batch_size):  # shards hold whole batches of the grid
-                take = slice(start, min(start + batch_size, len(rows)))
-                if (status[take] == PENDING).any():
-                    continue
-                first = int(rows[take][0])
-                skipped = {int(r): (e.decode() if isinstance(e, bytes) else e) or "unreadable image"
-                           for r, s, e in zip(rows[take], status[take], errors[take]) if s == SKIPPED}
-                writer.write(first, {k: v[take] for k, v in feats.items()}, skipped, {k: v[take] for k, v in recs.items()})
+                feats = {(k, int(b)): ds for k, grp in f["features"].items() for b, ds in grp.items()}
+                recs = dict(f["perturbation"].items()) if "perturbation" in f else {}
+                for start in range(0, len(rows), batch_size):  # shards hold whole batches of the grid
+                    take = slice(start, min(start + batch_size, len(rows)))
+                    if (status[take] == PENDING).any():
+                        continue
+                    first = int(rows[take][0])
+                    skipped = {int(r): (e.decode() if isinstance(e, bytes) else e) or "unreadable image"
+                               for r, s, e in zip(rows[take], status[take], errors[take]) if s == SKIPPED}
+                    writer.write(first, {k: v[take] for k, v in feats.items()}, skipped,
+                                 {k: v[take] for k, v in recs.items()})
         out = writer.finalize()
     except RuntimeError as exc:  # rows no shard wrote
         writer.close()

@@ -582,8 +582,11 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
         ranks.barrier("extraction")
         if ranks.leader:
             for bb, layout, meta, final, perturber in todo:
+                t0 = time.perf_counter()
                 path = dist_lib.merge(final, root_dir, meta, layout, imageset.labels, imageset.image_ids,
                                       imageset.class_names, batch_size)
+                say(f"rank 0: merged the shards into {path.name} and verified it in "
+                    f"{time.perf_counter() - t0:.1f}s")
                 with open_cache(path) as cache:
                     skipped = cache.skipped
                 reports.append(ExtractReport(bb.name, imageset.name, imageset.split, path, meta["key"], len(imageset),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,39 @@ class Split:
         pairs = spec.resolve(self.caches[0].kinds)
         parts = [self.block(kind, block) for kind, block in pairs]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def width(self, spec: TokenSpec) -> int:
+        """The spec's feature width."""
+        ref = self.caches[0]
+        return sum(ref.meta["dims"][kind][block] for kind, block in spec.resolve(ref.kinds))
+
+    def chunks(self, spec: TokenSpec, rows: int | None = None):
+        """The spec's features in row order, ``rows`` rows at a time read from the caches (float32), or with
+        ``rows=None`` all at once (read once and kept, as :meth:`features`)."""
+        if rows is None:
+            yield self.features(spec)
+            return
+        pairs = spec.resolve(self.caches[0].kinds)
+        sizes = [len(c) for c in self.caches]
+        starts = np.cumsum([0] + sizes)
+        selected = np.arange(starts[-1]) if self.rows is None else self.rows
+        for lo in range(0, len(selected), rows):
+            wanted = selected[lo : lo + rows]
+            owner = np.searchsorted(starts, wanted, side="right") - 1
+            parts = []
+            for run in np.split(np.arange(len(wanted)), np.flatnonzero(np.diff(owner)) + 1):
+                cache, local = self.caches[owner[run[0]]], wanted[run] - starts[owner[run[0]]]
+                blocks = [cache.block_rows(kind, block, local, dtype=np.float32) for kind, block in pairs]
+                parts.append(blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1))
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def digest(self, spec: TokenSpec, rows: int | None = None) -> bytes:
+        """A hash of the spec's features (the same however they are chunked)."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(repr((len(self), self.width(spec))).encode())
+        for chunk in self.chunks(spec, rows):
+            digest.update(np.ascontiguousarray(chunk, dtype=np.float32).data)
+        return digest.digest()
 
     def subset(self, rows: np.ndarray, description: str) -> "Split":
         """The given rows of this split as a split of its own (sharing nothing that was read)."""

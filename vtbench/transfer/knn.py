@@ -4,8 +4,9 @@ Each of the ``k`` nearest training features (cosine similarity ``s``) votes for
 its class with weight ``exp(s / T)``, ``T = 0.07`` (as in DINO's ``eval_knn``).
 Neighbours come from faiss (an exact inner-product index; on GPU when faiss
 has GPU support and the device is CUDA) when it is importable, else from a
-chunked torch matmul + top-k. ``k`` is chosen on the validation split, then the
-bank is train+val for the test split.
+chunked torch matmul + top-k. A bank too large for memory is given in row
+chunks: each chunk's top k is merged into a running top k per query.
+``k`` is chosen on the validation split, then the bank is train+val for the test split.
 """
 
 from __future__ import annotations
@@ -68,12 +69,36 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, ks, num_classes: int,
+def knn_scores(bank, bank_labels: np.ndarray, queries, ks, num_classes: int,
                device: torch.device) -> dict[int, torch.Tensor]:
-    """``{k: scores (m, C)}`` for every k in ``ks`` from one neighbour search (features L2-normalised here)."""
-    sims, idx = nearest(normalize(bank), normalize(queries), max(ks), device)
-    labels = torch.from_numpy(np.asarray(bank_labels, dtype=np.int64))[idx]
-    return {k: vote_scores(sims, labels, k, num_classes) for k in ks}
+    """``{k: scores (m, C)}`` for every k in ``ks`` from one neighbour search (features L2-normalised here).
+
+    ``bank`` is an array ``(n, d)``, or a function that yields it in row chunks (read once per chunk of
+    queries); ``queries`` an array or an iterable of row chunks. Chunked or not, the neighbours are the same.
+    """
+    bank_chunks = (lambda: iter([bank])) if isinstance(bank, np.ndarray) else bank
+    query_chunks = [queries] if isinstance(queries, np.ndarray) else queries
+    labels = torch.from_numpy(np.asarray(bank_labels, dtype=np.int64))
+    scores: dict[int, list] = {k: [] for k in ks}
+    for chunk in query_chunks:
+        sims, idx = _nearest_over_chunks(bank_chunks(), normalize(chunk), max(ks), device)
+        for k in ks:
+            scores[k].append(vote_scores(sims, labels[idx], k, num_classes))
+    return {k: torch.cat(parts) for k, parts in scores.items()}
+
+
+def _nearest_over_chunks(bank_chunks, queries: np.ndarray, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest` over a bank given in row chunks: each chunk's top k, merged into the running top k."""
+    best, offset = None, 0
+    for chunk in bank_chunks:
+        sims, idx = nearest(normalize(chunk), queries, min(k, len(chunk)), device)
+        idx, offset = idx + offset, offset + len(chunk)
+        if best is not None:
+            sims, idx = torch.cat([best[0], sims], 1), torch.cat([best[1], idx], 1)
+            top = sims.topk(min(k, sims.shape[1]), dim=1)
+            sims, idx = top.values, idx.gather(1, top.indices)
+        best = (sims, idx)
+    return best
 
 
 def capped_ks(bank_size: int) -> list[int]:

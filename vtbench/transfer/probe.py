@@ -21,7 +21,6 @@ Protocols (``docs/probe.md`` has the details and how each differs from the paper
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from vtbench.errors import VTError
 from vtbench.progress import Progress
 from vtbench.tokens import TokenSpec, parse_spec, per_block_specs
 from vtbench.transfer import knn as knn_lib
+from vtbench.transfer import memory
 from vtbench.cache import CacheSet
 from vtbench import options
 from vtbench.options import Opt
@@ -41,7 +41,7 @@ from vtbench.protocols import get_protocol, probe_protocols
 from vtbench.settings import SELECT_OPTIONS, SettingsQuery
 from vtbench.transfer.features import VAL_FRACTION, Split, stratified_holdout
 from vtbench.transfer.metrics import accuracy, classification_metrics
-from vtbench.transfer.solver import CRITERION, LogRegFit, fit_logreg, logreg_objective, reuse_bases
+from vtbench.transfer.solver import CRITERION, LogRegFit, RowSource, fit_logreg, logreg_objective, reuse_bases
 
 # L2 strengths (objective: mean cross-entropy + l2/2 ||W||^2 on standardised features), half a
 # decade apart from 1e-6 (almost unregularised) to 100 (beyond it the probe is, up to scale, the
@@ -79,6 +79,8 @@ PROBE_OPTIONS = (
     options.ROOT_PICK,
     Opt("standardize", bool, True, "default/sklearn: standardise features with train statistics.",
         flag="--standardize/--no-standardize"),
+    Opt("max_memory", str, None, "Memory for a spec's features, e.g. 16G: beyond it, default, knn and ncc read "
+        "them from the cache in row chunks (same results; default: half the machine's memory)."),
     options.CACHE_DIR,
     options.RESULTS_DIR,
     options.SKIP_EXISTING,
@@ -99,6 +101,11 @@ class Task:
     device: torch.device
     standardize: bool
     say: Callable[[str], None] = lambda msg: None  # progress lines for long runs
+    max_memory: int | None = None  # bytes (None: vtbench.transfer.memory's default)
+
+    def chunk_rows(self, split: Split, spec: TokenSpec, kind: str = "logistic") -> int | None:
+        """Rows per chunk when ``split``'s features of ``spec`` are streamed (over the memory budget), else None."""
+        return memory.chunk_rows(len(split), split.width(spec), memory.memory_budget(self.max_memory), kind)
 
     def refit_split(self) -> Split:
         """train+val as one split (the refit after selection)."""
@@ -124,6 +131,27 @@ class _Standardizer:
 
     mean: torch.Tensor  # (P, 1, d)
     std: torch.Tensor  # (P, 1, d)
+
+    @classmethod
+    def of_chunks(cls, chunks, width: int, enabled: bool, device) -> "_Standardizer":
+        """The statistics of features read in row chunks (float64 sums about the first chunk's mean; the
+        unbiased std, as :meth:`of`)."""
+        if not enabled:
+            return cls(torch.zeros(1, 1, width, device=device), torch.ones(1, 1, width, device=device))
+        shift, count = None, 0
+        total = torch.zeros(width, dtype=torch.float64)
+        squares = torch.zeros(width, dtype=torch.float64)
+        for chunk in chunks:
+            c = torch.from_numpy(chunk).double()
+            shift = c.mean(0) if shift is None else shift
+            c -= shift
+            count += len(c)
+            total += c.sum(0)
+            squares += c.square().sum(0)
+        mean = shift + total / count
+        std = ((squares - total.square() / count) / max(1, count - 1)).clamp_min(0).sqrt()
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return cls(mean.float()[None, None].to(device), std.float()[None, None].to(device))
 
     @classmethod
     def of(cls, X: torch.Tensor, enabled: bool) -> "_Standardizer":
@@ -157,7 +185,7 @@ def _solver_fit(backend: str, X: torch.Tensor, y: torch.Tensor, l2: torch.Tensor
     """
     P = X.shape[0]
     if backend == "vtbench":
-        features = (X, X.double())  # float32 for the rough phase, float64 to finish (see _batched_fit)
+        features = (X, X.to(torch.float64))  # float32 for the rough phase, float64 to finish (see _batched_fit)
         with reuse_bases():  # the grid's runs share the features' principal axes
             if init is None and l2.shape[1] > 1:
                 return _staggered_grid_fit(features, y, l2, num_classes, class_mask, tol)
@@ -291,6 +319,10 @@ class Fitted:
     outcome: dict
     label_map: np.ndarray | None = None  # the score column of each dataset class, where not the class index
 
+    def score(self, split: Split, spec: TokenSpec, rows: int | None = None) -> torch.Tensor:
+        """Scores ``(n, C)`` of a split's features of ``spec``, read ``rows`` rows at a time (None: at once)."""
+        return torch.cat([self.predict(chunk) for chunk in split.chunks(spec, rows)])
+
     def labels(self, labels: np.ndarray) -> torch.Tensor:
         """A split's labels as columns of the scores."""
         labels = np.asarray(labels)
@@ -298,35 +330,35 @@ class Fitted:
 
 
 def fit_logistic(task: Task, spec: TokenSpec, backend: str) -> Fitted:
-    """Choose l2 on val from L2_GRID and refit on train+val: one spec."""
+    """Choose l2 on val from L2_GRID and refit on train+val: one spec. Beyond the memory budget the vtbench
+    solver streams the features from the cache in row chunks (the same optimum)."""
     dev, C = task.device, task.num_classes
+    rows = _logistic_chunk_rows(task, spec, backend)
     t0 = time.perf_counter()
-    X_tr = _stack([task.train.features(spec)], dev)
-    X_va = _stack([task.val.features(spec)], dev)
+    X_tr, scale = _standardised(task.train, spec, rows, dev, task.standardize)
+    X_va, _ = _standardised(task.val, spec, rows, dev, task.standardize, scale)
     dims = [X_tr.shape[2]]
     y_tr, y_va = _labels(task.train, dev), _labels(task.val, dev)
-    scale = _Standardizer.of(X_tr, task.standardize)
-    X_tr, X_va = scale(X_tr), scale(X_va)
     grid = torch.tensor(L2_GRID, device=dev)[None]
     class_mask = torch.bincount(y_tr, minlength=C) > 0
     fit = _solver_fit(backend, X_tr, y_tr, grid, dims, C, class_mask, SELECT_TOL)
-    val_top1 = accuracy(fit.predict_logits(X_va), y_va).cpu()[0]  # (G,)
+    val_top1 = _grid_accuracy(fit, X_va, y_va)  # (G,)
     g = select_l2(val_top1.tolist())
     t_select = time.perf_counter() - t0
+    passes = _passes(X_tr) + _passes(X_va)
     del X_tr, X_va
 
     t0 = time.perf_counter()
     both = task.refit_split()
-    X_all = _stack([both.features(spec)], dev)
+    X_all, scale_all = _standardised(both, spec, rows, dev, task.standardize)
     y_all = _labels(both, dev)
-    scale_all = _Standardizer.of(X_all, task.standardize)
-    X_all = scale_all(X_all)
     chosen = torch.tensor([[L2_GRID[g]]], device=dev)
     refit_mask = torch.bincount(y_all, minlength=C) > 0
     # The refit starts from the chosen grid solution (train+val is mostly train: it lies close to the optimum).
     W0, b0 = scale_all.carry(fit.W[:, g].to(dev), fit.b[:, g].to(dev), scale)
     refit = _solver_fit(backend, X_all, y_all, chosen, dims, C, refit_mask, REFIT_TOL, init=(W0[:, None], b0[:, None]))
     t_refit = time.perf_counter() - t0
+    passes += _passes(X_all)
 
     def predict(features: np.ndarray) -> torch.Tensor:
         return refit.predict_logits(scale_all(_stack([features], dev)))[0, 0]
@@ -337,6 +369,9 @@ def fit_logistic(task: Task, spec: TokenSpec, backend: str) -> Fitted:
                            "grad_norm": [float(v) for v in fit.grad_norm[0]]}
     solver["refit"] = {"iterations": int(refit.iterations[0, 0]), "converged": bool(refit.converged[0, 0]),
                        "grad_norm": float(refit.grad_norm[0, 0]), "loss": float(refit.loss[0, 0])}
+    if rows is not None:
+        solver["streamed"] = {"chunk_rows": rows, "max_memory_bytes": memory.memory_budget(task.max_memory),
+                              "passes": passes}
     return Fitted(predict, {
         "metrics": {"val_top1": float(val_top1[g])},
         "selection": {"parameter": "l2", "grid": list(L2_GRID), "val_top1": val_top1.tolist(),
@@ -348,10 +383,53 @@ def fit_logistic(task: Task, spec: TokenSpec, backend: str) -> Fitted:
     })
 
 
+def _logistic_chunk_rows(task: Task, spec: TokenSpec, backend: str) -> int | None:
+    """Rows per streamed chunk for this spec's logistic probe, or None (in memory). Only the vtbench solver streams."""
+    rows = task.chunk_rows(task.refit_split(), spec)
+    if rows is not None and backend != "vtbench":
+        task.say(f"  {spec}: the {backend} solver holds its features in memory, beyond --max-memory")
+        return None
+    if rows is not None:
+        task.say(f"  {spec}: streaming features from the cache, {rows} rows at a time (beyond --max-memory)")
+    return rows
+
+
+def _standardised(split: Split, spec: TokenSpec, rows: int | None, dev, standardize: bool,
+                  scale: "_Standardizer | None" = None):
+    """``(features, standardizer)``: a split's features of ``spec`` standardised with ``scale`` (default: their
+    own statistics), as a ``(1, n, d)`` tensor, or with ``rows`` as a RowSource read from the cache in chunks."""
+    if rows is None:
+        X = _stack([split.features(spec)], dev)
+        scale = scale or _Standardizer.of(X, standardize)
+        return scale(X), scale
+    scale = scale or _Standardizer.of_chunks(split.chunks(spec, rows), split.width(spec), standardize, dev)
+
+    def read():
+        for chunk in split.chunks(spec, rows):
+            yield scale(torch.from_numpy(chunk).to(dev)[None])[0]
+
+    return RowSource(len(split), split.width(spec), read, device=dev), scale
+
+
+def _passes(X) -> int:
+    return X.passes[0] if isinstance(X, RowSource) else 0
+
+
+def _grid_accuracy(fit: LogRegFit, X, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 (%) of every grid solution ``(G,)`` on standardised features (a tensor or a RowSource)."""
+    if not isinstance(X, RowSource):
+        return accuracy(fit.predict_logits(X), y).cpu()[0]
+    correct = torch.zeros(fit.W.shape[1], dtype=torch.float64)
+    for start, chunk in X.chunks():
+        predicted = fit.predict_logits(chunk[None])[0].argmax(-1)  # (G, m)
+        correct += (predicted == y[start : start + len(chunk)]).sum(1).double().cpu()
+    return correct / X.n * 100
+
+
 def _logistic_spec(task: Task, spec: TokenSpec, backend: str) -> dict:
     """Choose l2 on val from L2_GRID, refit on train+val, evaluate on test: one spec."""
     fitted = fit_logistic(task, spec, backend)
-    logits = fitted.predict(task.test.features(spec))
+    logits = fitted.score(task.test, spec, task.chunk_rows(task.test, spec))
     outcome = fitted.outcome
     outcome["metrics"] = dict(classification_metrics(logits.cpu(), _labels(task.test, "cpu")), **outcome["metrics"])
     return outcome
@@ -443,27 +521,40 @@ def ipvit(task: Task) -> list[dict]:
 
 
 def fit_knn(task: Task, spec: TokenSpec) -> Fitted:
-    """k-NN: k chosen on val with train as the bank; the fitted probe scores with train+val as the bank."""
+    """k-NN: k chosen on val with train as the bank; the fitted probe scores with train+val as the bank.
+    Beyond the memory budget the banks and queries are read from the cache in row chunks."""
     dev, C = task.device, task.num_classes
     t0 = time.perf_counter()
+    both = task.refit_split()
+    rows = task.chunk_rows(both, spec, "knn")
+    if rows is not None:
+        task.say(f"  {spec}: k-NN over the bank in chunks of {rows} rows (beyond --max-memory)")
     ks = knn_lib.capped_ks(len(task.train))
-    val_scores = knn_lib.knn_scores(task.train.features(spec), task.train.labels, task.val.features(spec), ks, C, dev)
+    val_scores = knn_lib.knn_scores(_bank(task.train, spec, rows), task.train.labels, task.val.chunks(spec, rows),
+                                    ks, C, dev)
     y_va = _labels(task.val, "cpu")
     val_top1 = {k: float(accuracy(s, y_va)) for k, s in val_scores.items()}
     chosen = max(ks, key=lambda k: (val_top1[k], -k))  # ties -> the smaller k
-    both = task.refit_split()
-    bank, bank_labels = both.features(spec), both.labels
+    bank, bank_labels = _bank(both, spec, rows), both.labels
 
     def predict(features: np.ndarray) -> torch.Tensor:
         return knn_lib.knn_scores(bank, bank_labels, features, [chosen], C, dev)[chosen]
 
+    solver = {"name": "knn", "backend": knn_lib.backend_name(dev), "temperature": knn_lib.TEMPERATURE,
+              "similarity": "cosine (L2-normalised features)", "votes": "sum of exp(sim / T)"}
+    if rows is not None:
+        solver["streamed"] = {"chunk_rows": rows, "max_memory_bytes": memory.memory_budget(task.max_memory)}
     return Fitted(predict, {
         "selection": {"parameter": "k", "grid": ks, "val_top1": [val_top1[k] for k in ks], "chosen": chosen,
                       "rule": "max val top-1; ties -> smallest k"},
-        "solver": {"name": "knn", "backend": knn_lib.backend_name(dev), "temperature": knn_lib.TEMPERATURE,
-                   "similarity": "cosine (L2-normalised features)", "votes": "sum of exp(sim / T)"},
+        "solver": solver,
         "timings": {"fit_s": time.perf_counter() - t0, "shared_by_specs": 1},
     })
+
+
+def _bank(split: Split, spec: TokenSpec, rows: int | None):
+    """A k-NN bank: the features in memory, or (streamed) a function that reads them in row chunks."""
+    return split.features(spec) if rows is None else (lambda: split.chunks(spec, rows))
 
 
 def knn(task: Task) -> list[dict]:
@@ -477,7 +568,9 @@ def knn(task: Task) -> list[dict]:
         fitted = fit_knn(task, spec)
         chosen = fitted.outcome["selection"]["chosen"]
         test_ks = sorted(set(knn_lib.capped_ks(len(both))) | {chosen})
-        test_scores = knn_lib.knn_scores(both.features(spec), both.labels, task.test.features(spec), test_ks, C, dev)
+        rows = task.chunk_rows(both, spec, "knn")
+        test_scores = knn_lib.knn_scores(_bank(both, spec, rows), both.labels, task.test.chunks(spec, rows),
+                                         test_ks, C, dev)
         y_te = _labels(task.test, "cpu")
         metrics = classification_metrics(test_scores[chosen], y_te)
         metrics["k"] = chosen
@@ -507,20 +600,15 @@ def _run_protocol(protocol, task: Task) -> list[dict]:
 
 def _feature_twins(task: Task) -> dict[str, str]:
     """``{spec: earlier spec}`` for each spec whose train, val and test features equal an earlier spec's."""
-    first: dict[bytes, str] = {}
+    first: dict[tuple, str] = {}
     twins = {}
     for spec in task.specs:
-        digest = hashlib.blake2b(digest_size=16)
-        for split in (task.train, task.val, task.test):
-            if split is not None:
-                block = np.ascontiguousarray(split.features(spec))
-                digest.update(repr((block.shape, block.dtype.str)).encode())
-                digest.update(block.data)
-        twins_key = digest.digest()
-        if twins_key in first:
-            twins[str(spec)] = first[twins_key]
+        splits = [split for split in (task.train, task.val, task.test) if split is not None]
+        key = tuple(split.digest(spec, task.chunk_rows(split, spec)) for split in splits)
+        if key in first:
+            twins[str(spec)] = first[key]
         else:
-            first[twins_key] = str(spec)
+            first[key] = str(spec)
     return twins
 
 
@@ -569,6 +657,7 @@ def run_probe(
     skip_existing: bool = False,
     device: str | None = None,
     standardize: bool = True,
+    max_memory: str | int | None = None,
     log: Callable[[str], None] | None = None,
     **select,
 ) -> list[dict]:
@@ -579,7 +668,8 @@ def run_probe(
     ``cache_dir`` (default ``$VT_CACHE``), narrowed by ``weights``, extraction ``settings`` (a
     :class:`~vtbench.settings.SettingsQuery`, or its fields as keywords: ``input_size=224``) and
     ``data_root`` (the dataset root given to ``vt extract``). ``seeds`` runs every probe once per seed
-    (default: just ``seed``). Every record is saved to the results store (``results_dir``, default
+    (default: just ``seed``). Features beyond ``max_memory`` (bytes, or ``"16G"``; default half the
+    machine's memory) are streamed from the cache by ``default``, ``knn`` and ``ncc``. Every record is saved to the results store (``results_dir``, default
     ``$VT_RESULTS`` or ``./results``) and returned. With ``skip_existing``, a result already stored is
     returned as stored, marked ``"skipped": True``, instead of being recomputed.
     """
@@ -595,6 +685,7 @@ def run_probe(
     protocols = [make_protocol(name, standardize) for name in check_probe_options(protocol=protocol)]
     seeds = check_seeds(seed if seeds is None else seeds)
     specs = _requested_specs(tokens, per_block)
+    budget = memory.memory_budget(max_memory)
     dev = resolve_device(device)
     info = dataset_info(dataset)
     results_root = writable_dir(default_results_dir(results_dir), "--results")
@@ -607,7 +698,8 @@ def run_probe(
         records = []
         for run_seed in seeds:
             for proto, splits in _hold_out(caches, plans, info, run_seed).items():
-                records += _run_and_record(proto, splits, caches, specs, run_seed, dev, results_root, skip_existing, say)
+                records += _run_and_record(proto, splits, caches, specs, run_seed, dev, results_root, skip_existing,
+                                           budget, say)
         return records
     finally:
         caches.close()
@@ -695,7 +787,7 @@ def _record_base(caches: CacheSet, proto, splits: tuple, seed: int) -> dict:
                             n={"train": len(train), "val": len(val) if val is not None else 0, "test": len(test)})
 
 
-def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_existing, say) -> list[dict]:
+def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_existing, budget, say) -> list[dict]:
     """Run one protocol on every spec not yet stored, and save one record per spec (stored ones are returned
     as they are, marked ``skipped``)."""
     from vtbench import results as store
@@ -707,7 +799,7 @@ def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_
     for spec in specs:
         if stored[str(spec)] is not None:
             say(f"skip {proto.name} {spec} seed {seed}: result exists")
-    done = _run(proto, splits, caches, todo, seed, dev, say) if todo else {}
+    done = _run(proto, splits, caches, todo, seed, dev, budget, say) if todo else {}
     records = []
     for spec in specs:
         record = stored[str(spec)]
@@ -718,7 +810,7 @@ def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_
     return records
 
 
-def _run(proto, splits, caches, specs, seed, dev, say) -> dict[str, dict]:
+def _run(proto, splits, caches, specs, seed, dev, budget, say) -> dict[str, dict]:
     """``{spec: outcome}`` of one protocol run over ``specs``."""
     train, val, test = splits
     ref = caches.reference
@@ -726,7 +818,8 @@ def _run(proto, splits, caches, specs, seed, dev, say) -> dict[str, dict]:
         f"{len(val) if val is not None else 0} val, {len(test)} test), seed {seed}")
     standardize = getattr(proto, "standardize", True)
     t0 = time.perf_counter()
-    outcomes = _run_protocol(proto, Task(specs, train, val, test, len(ref.class_names), seed, dev, standardize, say))
+    task = Task(specs, train, val, test, len(ref.class_names), seed, dev, standardize, say, budget)
+    outcomes = _run_protocol(proto, task)
     total = time.perf_counter() - t0
     for outcome in outcomes:
         outcome["timings"]["protocol_total_s"] = total

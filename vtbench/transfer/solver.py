@@ -115,11 +115,16 @@ class LogRegFit:
 class _Basis:
     """Centred (and for ``n < d`` rotated) features with a trailing bias column: ``Z = [(X - mu) U, 1]``."""
 
-    Z: torch.Tensor  # (P, n, r + 1); padding rows are zero
+    Z: torch.Tensor | None  # (P, n, r + 1); padding rows are zero; None for a RowSource (never materialised)
     mu: torch.Tensor  # (P, d)
     U: torch.Tensor | None  # (P, d, r) orthonormal columns, or None for the identity (r = d)
     variance: torch.Tensor | None = None  # (P, r): the features' variance along each axis (when preconditioned)
     scale: torch.Tensor | None = None  # (P,): RMS deviation of the features' non-constant columns (see bias_weight)
+
+    @property
+    def width(self) -> int:
+        """``r + 1``: the solver's variables per class."""
+        return (self.mu.shape[1] if self.U is None else self.U.shape[2]) + 1
 
 
 # Set inside reuse_bases(): the bases computed so far, keyed by their inputs' memory (see _basis_key).
@@ -297,6 +302,128 @@ class _Objective:
         return loss, grad
 
 
+class RowSource:
+    """One feature matrix ``(n, d)`` too large to hold, read a chunk of rows at a time.
+
+    ``read()`` yields float32 arrays or tensors ``(m, d)`` that together are the rows in order; it is
+    called once per function evaluation, so the solver's memory is a chunk, not the matrix. ``to(dtype)``
+    is the same rows in another solver precision. :func:`fit_logreg` takes one in place of ``X``
+    (``P = 1``) and reaches the same optimum as on the matrix in memory.
+    """
+
+    def __init__(self, n: int, d: int, read, dtype: torch.dtype = torch.float32, device="cpu", passes=None):
+        self.n, self.d, self.read = n, d, read
+        self.dtype, self.device = dtype, torch.device(device)
+        self.passes = [0] if passes is None else passes  # full reads so far, shared by every precision
+
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, self.n, self.d)
+
+    def dim(self) -> int:
+        return 3
+
+    def to(self, dtype: torch.dtype) -> "RowSource":
+        return self if dtype == self.dtype else RowSource(self.n, self.d, self.read, dtype, self.device, self.passes)
+
+    def chunks(self):
+        """``(start, rows (m, d))`` in the solver's dtype and device."""
+        self.passes[0] += 1
+        start = 0
+        for chunk in self.read():
+            chunk = torch.as_tensor(chunk).to(self.device, self.dtype)
+            yield start, chunk
+            start += len(chunk)
+        if start != self.n:
+            raise ValueError(f"a RowSource of {self.n} rows read {start}")
+
+
+def _streamed_basis(source: RowSource, precondition: str | None) -> _Basis:
+    """The basis of a RowSource: its mean and covariance from one float64 pass; with ``"principal"`` its
+    principal axes (no ``n < d`` rotation: a streamed matrix is tall). Computed once per source and
+    shared by its precisions within :func:`reuse_bases`."""
+    key = ("stream", id(source.read), precondition)
+    hit = _reused_bases.get(key) if _reused_bases is not None else None
+    if hit is None:
+        hit = (_moments_basis(source, precondition), source.read)  # the reader kept alive: its id stays unique
+        if _reused_bases is not None:
+            _reused_bases[key] = hit
+    basis = hit[0]
+    cast = {f: None if v is None else v.to(source.dtype) for f, v in vars(basis).items()}
+    return _Basis(**cast)
+
+
+def _moments_basis(source: RowSource, precondition: str | None) -> _Basis:
+    d = source.d
+    total = torch.zeros(d, dtype=torch.float64, device=source.device)
+    outer = torch.zeros(d, d, dtype=torch.float64, device=source.device)
+    for _, chunk in source.to(torch.float64).chunks():
+        total += chunk.sum(0)
+        outer += chunk.T @ chunk
+    mu = total / source.n
+    # float64 sums of raw products: the cancellation in outer / n - mu mu' costs digits only where the
+    # mean is many deviations from zero, and the probe streams standardised features.
+    cov = outer / source.n - torch.outer(mu, mu)
+    column_variance = cov.diagonal().clamp_min(0)
+    columns = (column_variance > 0).sum()
+    scale = (column_variance.sum() / columns.clamp_min(1)).sqrt() if int(columns) else torch.ones((), dtype=cov.dtype)
+    U = variance = None
+    if precondition == "principal":
+        variance, U = _principal_axes(cov[None])
+        variance = variance.clamp_min(0)
+    elif precondition == "diagonal":
+        variance = column_variance[None]
+    return _Basis(Z=None, mu=mu[None], U=U, variance=variance, scale=scale.reshape(1))
+
+
+class _StreamedObjective:
+    """:class:`_Objective` for a RowSource: the same loss and gradient, summed over row chunks.
+
+    Logits are taken in the original coordinates: with ``Z = [(X - mu) U, 1]``, ``Z w = X (U w_W) +
+    (w_b - mu U w_W)``, so each chunk costs one ``(m x d) @ (d x K*C)`` product and the rotation is
+    applied to the weights and the gradient once per evaluation.
+    """
+
+    def __init__(self, source: RowSource, y, basis: _Basis, class_mask, l2, G):
+        self.source, self.y, self.basis = source, y, basis
+        self.class_mask = class_mask  # (C,)
+        self.l2 = l2.reshape(-1)
+
+    def __call__(self, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, r1, C = w.shape
+        n, d = self.source.n, self.source.d
+        U, mu = self.basis.U, self.basis.mu[0]
+        W = w[:, :-1] if U is None else U[0] @ w[:, :-1]  # (K, d, C)
+        b = w[:, -1] - torch.einsum("d,kdc->kc", mu, W)
+        W_cat = W.permute(1, 0, 2).reshape(d, K * C)
+        nll = torch.zeros(K, dtype=torch.float64, device=w.device)
+        grad_X = torch.zeros(d, K * C, dtype=w.dtype, device=w.device)
+        grad_b = torch.zeros(K, C, dtype=w.dtype, device=w.device)
+        rows = max(1, _MAX_LOGITS // max(1, K * C))
+        for start, chunk in self.source.chunks():
+            for lo in range(0, len(chunk), rows):
+                X = chunk[lo : lo + rows]
+                logits = (X @ W_cat).view(len(X), K, C) + b
+                logits.masked_fill_(~self.class_mask, float("-inf"))
+                logp = _log_softmax(logits)
+                target = self.y[start + lo : start + lo + len(X)][:, None, None].expand(-1, K, 1)
+                nll -= logp.gather(-1, target).squeeze(-1).double().sum(0) / n
+                dlogits = logp.exp_()
+                dlogits.scatter_(-1, target, 0.0)  # p - 1 as minus the other classes' mass (see _Objective)
+                dlogits.scatter_(-1, target, -dlogits.sum(-1, keepdim=True))
+                dlogits.div_(n)
+                grad_X += X.T @ dlogits.view(len(X), K * C)
+                grad_b += dlogits.sum(0)
+        grad_W = grad_X.view(d, K, C).permute(1, 0, 2) - mu[None, :, None] * grad_b[:, None, :]
+        if U is not None:
+            grad_W = U[0].T @ grad_W
+        l2 = self.l2[idx][:, None, None]
+        grad = torch.cat([grad_W + l2 * w[:, :-1], grad_b[:, None]], dim=1)
+        loss = nll + 0.5 * (l2 * w[:, :-1].square()).double().sum((1, 2))
+        return loss, grad
+
+
 class _History:
     """Per-problem L-BFGS memory (ring buffers of ``s`` and ``y``, with ``s'y`` and ``y'y``) and the product ``H g``.
 
@@ -399,7 +526,10 @@ def fit_logreg(
     if precondition not in (None, *_PRECONDITION_POWER):
         raise ValueError(f"precondition must be None, 'principal' or 'diagonal', not {precondition!r}")
     P, n, d = X.shape
-    X = X if X.dtype == torch.float64 else X.float()
+    streamed = isinstance(X, RowSource)
+    if streamed and P != 1:
+        raise ValueError("a RowSource holds one feature matrix (P = 1)")
+    X = X if X.dtype == torch.float64 else X.to(torch.float32)
     device = X.device
     y = y.to(device=device, dtype=torch.long)
     l2 = torch.as_tensor(l2, dtype=X.dtype, device=device)
@@ -423,7 +553,7 @@ def fit_logreg(
         raise ValueError("every problem needs at least one valid sample")
 
     work = P * G * n * min(n, d) * C
-    with _threads_for(work, device):
+    with _threads_for(_PARALLEL_WORK if streamed else work, device):
         return _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, history, precondition)
 
 
@@ -444,16 +574,20 @@ def _threads_for(work: int, device: torch.device):
 def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, history, precondition) -> LogRegFit:
     P, n, d = X.shape
     G = l2.shape[1]
-    device = X.device
-    basis = _basis(X, sample_mask, n_valid, precondition)
-    objective = _Objective(basis.Z, y, sample_mask, class_mask, n_valid, l2, G)
-    r1 = basis.Z.shape[2]
-    K, D = P * G, basis.Z.shape[2] * C
+    device, dtype = X.device, X.dtype
+    if isinstance(X, RowSource):
+        basis = _streamed_basis(X, precondition)
+        objective = _StreamedObjective(X, y[0], basis, class_mask[0], l2, G)
+    else:
+        basis = _basis(X, sample_mask, n_valid, precondition)
+        objective = _Objective(basis.Z, y, sample_mask, class_mask, n_valid, l2, G)
+    r1 = basis.width
+    K, D = P * G, r1 * C
     every = torch.arange(K, device=device)
     # L-BFGS runs on v = W / scale. Without preconditioning the scale is 1; with it, each axis is scaled
     # so that the objective's curvature is about the same along every axis (see _axis_scale).
     scale = (_axis_scale(basis, l2, class_mask, _PRECONDITION_POWER[precondition]) if precondition
-             else torch.ones(K, r1, 1, dtype=X.dtype, device=device))
+             else torch.ones(K, r1, 1, dtype=dtype, device=device))
 
     def evaluate(idx, v):
         """Loss and gradient with respect to ``v`` (both flat) of problems ``idx``."""
@@ -473,10 +607,10 @@ def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, h
 
     classes = class_mask.sum(1).repeat_interleave(G)  # (K,)
     kappa = bias_weight(classes, l2.reshape(-1), basis.scale.repeat_interleave(G))
-    w = X.new_zeros(K, D)
+    w = torch.zeros(K, D, dtype=dtype, device=device)
     f, g = evaluate(every, w)
     grad0 = weighted_grad_norm(g, every)  # the gradient at W=0, b=0
-    floor = _FLOOR * grad0.clamp_min(torch.finfo(X.dtype).tiny)
+    floor = _FLOOR * grad0.clamp_min(torch.finfo(dtype).tiny)
     l2k = l2.reshape(-1)
 
     if init is not None:
@@ -495,8 +629,8 @@ def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, h
     its = iterations[run]
     # First step: steepest descent, moving by at most 1.
     direction = -g / g.norm(dim=1, keepdim=True).clamp_min(1.0)
-    step = torch.ones(len(run), dtype=X.dtype, device=device)
-    slack = 4 * torch.finfo(X.dtype).eps  # Armijo tolerance for float32 rounding
+    step = torch.ones(len(run), dtype=dtype, device=device)
+    slack = 4 * torch.finfo(dtype).eps  # Armijo tolerance for float32 rounding
 
     for _ in range(4 * max_iter + 20):
         if len(run) == 0:
@@ -530,7 +664,7 @@ def _solve(X, y, l2, sample_mask, class_mask, n_valid, C, max_iter, tol, init, h
         t = step.double()
         curve = 2 * (f_try - f - gtd.double() * t)
         t_quad = torch.where(torch.isfinite(curve) & (curve > 0), -gtd.double() * t**2 / curve, 0.1 * t)
-        step = torch.where(ok, torch.ones_like(step), torch.minimum(torch.maximum(t_quad, 0.1 * t), 0.5 * t).to(X.dtype))
+        step = torch.where(ok, torch.ones_like(step), torch.minimum(torch.maximum(t_quad, 0.1 * t), 0.5 * t).to(dtype))
         failed = step < _MIN_STEP
         # A failed line search is retried once from a gradient step; a second failure ends the problem.
         give_up = failed & (memory.count == 0)
@@ -584,8 +718,8 @@ def _axis_scale(basis: _Basis, l2: torch.Tensor, class_mask: torch.Tensor, power
 def _to_basis(init, basis: _Basis, P: int, G: int, C: int) -> torch.Tensor:
     """A warm start ``(W, b)`` in original coordinates, expressed in the solver's basis ``(P, G, r+1, C)``."""
     W, b = (init.W, init.b) if isinstance(init, LogRegFit) else init
-    W = W.to(basis.Z.device, basis.Z.dtype)
-    b = b.to(basis.Z.device, basis.Z.dtype)
+    W = W.to(basis.mu.device, basis.mu.dtype)
+    b = b.to(basis.mu.device, basis.mu.dtype)
     d = basis.mu.shape[1]
     if tuple(W.shape) != (P, G, d, C) or tuple(b.shape) != (P, G, C):
         raise ValueError(f"init must be W {(P, G, d, C)} and b {(P, G, C)}, got {tuple(W.shape)} and {tuple(b.shape)}")
