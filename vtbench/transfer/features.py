@@ -45,8 +45,7 @@ class Split:
 
     def width(self, spec: TokenSpec) -> int:
         """The spec's feature width."""
-        ref = self.caches[0]
-        return sum(ref.meta["dims"][kind][block] for kind, block in spec.resolve(ref.kinds))
+        return feature_width(self.caches[0], spec)
 
     def chunks(self, spec: TokenSpec, rows: int | None = None):
         """The spec's features in row order, ``rows`` rows at a time read from the caches (float32), or with
@@ -88,6 +87,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def feature_width(cache, spec: TokenSpec) -> int:
+    """The width of a spec's features in a cache (the sum of its blocks' widths)."""
+    return sum(cache.meta["dims"][kind][block] for kind, block in spec.resolve(cache.kinds))
 
 
 def stratified_holdout(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION,

@@ -39,7 +39,7 @@ from vtbench import options
 from vtbench.options import Opt
 from vtbench.protocols import get_protocol, probe_protocols
 from vtbench.settings import SELECT_OPTIONS, SettingsQuery
-from vtbench.transfer.features import VAL_FRACTION, Split, stratified_holdout
+from vtbench.transfer.features import VAL_FRACTION, Split, feature_width, stratified_holdout
 from vtbench.transfer.metrics import accuracy, classification_metrics
 from vtbench.transfer.solver import CRITERION, LogRegFit, RowSource, fit_logreg, logreg_objective, reuse_bases
 
@@ -669,8 +669,8 @@ def run_probe(
     :class:`~vtbench.settings.SettingsQuery`, or its fields as keywords: ``input_size=224``) and
     ``data_root`` (the dataset root given to ``vt extract``). ``seeds`` runs every probe once per seed
     (default: just ``seed``). Features beyond ``max_memory`` (bytes, or ``"16G"``; default half the
-    machine's memory) are streamed from the cache by ``default``, ``knn`` and ``ncc``. Every record is saved to the results store (``results_dir``, default
-    ``$VT_RESULTS`` or ``./results``) and returned. With ``skip_existing``, a result already stored is
+    machine's memory) are streamed from the cache by ``default``, ``knn`` and ``ncc``. Every record is
+    saved to the results store (``results_dir``, default ``$VT_RESULTS`` or ``./results``) and returned. With ``skip_existing``, a result already stored is
     returned as stored, marked ``"skipped": True``, instead of being recomputed.
     """
     from vtbench.allocator import keep_freed_memory
@@ -804,7 +804,7 @@ def _run_and_record(proto, splits, caches, specs, seed, dev, results_root, skip_
     for spec in specs:
         record = stored[str(spec)]
         if record is None:
-            record = dict(base, tokens=str(spec), feature_dim=_feature_dim(caches.reference, spec), **done[str(spec)])
+            record = dict(base, tokens=str(spec), feature_dim=feature_width(caches.reference, spec), **done[str(spec)])
             record["_path"] = str(store.save(results_root, record))
         records.append(record)
     return records
@@ -824,7 +824,3 @@ def _run(proto, splits, caches, specs, seed, dev, budget, say) -> dict[str, dict
     for outcome in outcomes:
         outcome["timings"]["protocol_total_s"] = total
     return dict(zip(map(str, specs), outcomes))
-
-
-def _feature_dim(cache, spec: TokenSpec) -> int:
-    return sum(cache.meta["dims"][kind][block] for kind, block in spec.resolve(cache.kinds))

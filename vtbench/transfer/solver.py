@@ -316,7 +316,6 @@ class RowSource:
         self.dtype, self.device = dtype, torch.device(device)
         self.passes = [0] if passes is None else passes  # full reads so far, shared by every precision
 
-
     @property
     def shape(self) -> tuple[int, int, int]:
         return (1, self.n, self.d)
