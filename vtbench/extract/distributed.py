@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -51,8 +52,15 @@ class Ranks:
         try:
             dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=TIMEOUT_S), wait_all_ranks=True)
         except RuntimeError as exc:
-            first = (str(exc).strip().splitlines() or ["a peer did not arrive"])[0]
-            raise VTError(f"rank {self.rank}: stopped while waiting for the other ranks ({what}): {first}") from None
+            raise VTError(f"rank {self.rank}: stopped while waiting for the other ranks ({what}): "
+                          f"{_first_sentence(exc)}") from None
+
+
+def _first_sentence(exc: Exception) -> str:
+    """gloo's reason without its source location and advice: "Connection closed by peer [host]:port"."""
+    text = (str(exc).strip().splitlines() or ["a peer did not arrive"])[0]
+    text = re.sub(r"^\[[^\]]*\]:?\s*", "", text)
+    return re.split(r"\.\s", text, maxsplit=1)[0].rstrip(".")
 
 
 def ranks_from_env() -> Ranks | None:

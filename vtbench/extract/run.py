@@ -558,6 +558,7 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
     try:
         for lock in locks.values():
             lock.acquire(on_wait=say)
+        started = time.perf_counter()
         if force and ranks.leader:
             for _, _, _, final, _ in planned:
                 for path in [final, partial_path(final), *dist_lib.shard_files(final)]:
@@ -568,6 +569,7 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
             if final.exists():
                 reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"],
                                              len(imageset), reused=True, perturbation=_label(perturber)))
+        resumed = [int(dist_lib.written_rows(p[3], len(imageset)).sum()) for p in todo]
         shares = [dist_lib.share(p[3], len(imageset), batch_size, ranks) for p in todo]
         ranks.barrier("dividing the rows")  # every rank has read the shards before any writes a new one
         for (bb, layout, meta, final, perturber), batches in zip(todo, shares):
@@ -581,7 +583,7 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
                 f"{mine[0].seconds:.1f}s" if mine else f"rank {ranks.rank}: nothing left to extract")
         ranks.barrier("extraction")
         if ranks.leader:
-            for bb, layout, meta, final, perturber in todo:
+            for (bb, layout, meta, final, perturber), earlier in zip(todo, resumed):
                 t0 = time.perf_counter()
                 path = dist_lib.merge(final, root_dir, meta, layout, imageset.labels, imageset.image_ids,
                                       imageset.class_names, batch_size)
@@ -589,8 +591,11 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
                     f"{time.perf_counter() - t0:.1f}s")
                 with open_cache(path) as cache:
                     skipped = cache.skipped
+                seconds = time.perf_counter() - started  # the job's wall time, every rank and the merge included
                 reports.append(ExtractReport(bb.name, imageset.name, imageset.split, path, meta["key"], len(imageset),
-                                             skipped=skipped, perturbation=_label(perturber)))
+                                             resumed_rows=earlier, skipped=skipped, seconds=seconds,
+                                             images_per_s=(len(imageset) - earlier) / seconds,
+                                             perturbation=_label(perturber)))
         ranks.barrier("merging the shards")
         return reports if ranks.leader else [r for r in reports if r.reused]
     finally:
