@@ -57,7 +57,6 @@ def _same(a: dict, b: dict) -> None:
         assert da.keys() == db.keys() and all(np.array_equal(da[k], db[k]) for k in da), name
 
 
-
 def _wait_for_shard_rows(out: Path, procs, rows: int = 24) -> None:
     """Until some shard under ``out`` has committed ``rows`` rows, while every process still runs."""
     deadline, done = time.time() + 90, 0
@@ -70,6 +69,7 @@ def _wait_for_shard_rows(out: Path, procs, rows: int = 24) -> None:
                 pass
         time.sleep(0.05)
     assert all(p.poll() is None for p in procs) and done >= rows, "the run ended (or never started) too early"
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -113,9 +113,9 @@ def written_rows(final: Path, n: int) -> np.ndarray:
     return done
 
 
-def share(final: Path, n: int, batch_size: int, ranks: Ranks) -> list[tuple[int, int]]:
-    """This rank's contiguous share of the batches no shard has committed."""
-    done = written_rows(final, n)
+def share(done: np.ndarray, batch_size: int, ranks: Ranks) -> list[tuple[int, int]]:
+    """This rank's contiguous share of the batches not all ``done`` (``written_rows``)."""
+    n = len(done)
     pending = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)
                if not done[start:min(start + batch_size, n)].all()]
     lo, hi = len(pending) * ranks.rank // ranks.world, len(pending) * (ranks.rank + 1) // ranks.world

@@ -569,8 +569,9 @@ def _extract_sharded(planned, members, imageset, root_dir, settings, ranks, *, b
             if final.exists():
                 reports.append(ExtractReport(bb.name, imageset.name, imageset.split, final, meta["key"],
                                              len(imageset), reused=True, perturbation=_label(perturber)))
-        resumed = [int(dist_lib.written_rows(p[3], len(imageset)).sum()) for p in todo]
-        shares = [dist_lib.share(p[3], len(imageset), batch_size, ranks) for p in todo]
+        written = [dist_lib.written_rows(p[3], len(imageset)) for p in todo]
+        resumed = [int(done.sum()) for done in written]
+        shares = [dist_lib.share(done, batch_size, ranks) for done in written]
         ranks.barrier("dividing the rows")  # every rank has read the shards before any writes a new one
         for (bb, layout, meta, final, perturber), batches in zip(todo, shares):
             writer = dist_lib.ShardWriter(final, layout, meta["dtype"], batches, batch_size)
